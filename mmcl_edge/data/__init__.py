@@ -1,0 +1,19 @@
+"""Data: multi-modal data sets, task streams and the built-in scenarios."""
+from mmcl_edge.data.dataset import DataFormatError, MultiModalDataset, Scenario, Task
+
+__all__ = ["DataFormatError", "MultiModalDataset", "Scenario", "Task", "load_scenario"]
+
+
+def load_scenario(name: str | None = None, *, data: str | None = None, data_dir: str | None = None,
+                  setting: str = "class-il", classes_per_task: int = 2, seed: int = 0) -> Scenario:
+    """One entry point for the built-in scenarios and for user data in the generic format."""
+    if data is not None:
+        from mmcl_edge.data.generic import load_generic
+        return load_generic(data, setting=setting, classes_per_task=classes_per_task, seed=seed)
+    if name in ("avdigits-cil", "avdigits-dil"):
+        from mmcl_edge.data.avdigits import load_avdigits
+        return load_avdigits("class-il" if name.endswith("cil") else "domain-il", data_dir=data_dir, seed=seed)
+    if name == "synthetic-cil" or name == "synthetic-dil":
+        from mmcl_edge.data.synthetic import synthetic_scenario
+        return synthetic_scenario("class-il" if name.endswith("cil") else "domain-il", seed=seed)
+    raise DataFormatError(f"unknown scenario {name!r}: use avdigits-cil, avdigits-dil, or --data DIR")

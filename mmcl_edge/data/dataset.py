@@ -1,0 +1,101 @@
+"""The in-memory shape of a multi-modal data set and of a task stream over it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmcl_edge.preprocess import PreprocessSpec
+
+
+class DataFormatError(ValueError):
+    """A user's data cannot be used; the message says what is wrong in plain words."""
+
+
+@dataclass
+class MultiModalDataset:
+    """Raw samples per modality (a list: clips may differ in length), integer labels, domains."""
+
+    samples: dict[str, list[np.ndarray]]
+    y: np.ndarray
+    domain: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> "MultiModalDataset":
+        idx = np.asarray(idx, dtype=int)
+        return MultiModalDataset(
+            {m: [s[i] for i in idx] for m, s in self.samples.items()}, self.y[idx],
+            None if self.domain is None else self.domain[idx])
+
+
+@dataclass
+class Task:
+    """One step of the stream: which train/test samples belong to it and which classes it adds."""
+
+    index: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    classes: list[int]
+    name: str = ""
+
+
+@dataclass
+class Scenario:
+    """A task stream: train/test data, the modality specs and the ordered tasks."""
+
+    name: str
+    setting: str  # "class-il" or "domain-il"
+    train: MultiModalDataset
+    test: MultiModalDataset
+    specs: dict[str, PreprocessSpec]
+    tasks: list[Task]
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def classes_seen(self, upto: int) -> list[int]:
+        seen: list[int] = []
+        for t in self.tasks[: upto + 1]:
+            seen.extend(c for c in t.classes if c not in seen)
+        return seen
+
+
+def class_incremental_tasks(y_train: np.ndarray, y_test: np.ndarray, classes_per_task: int,
+                            seed: int) -> list[Task]:
+    """Split the classes into tasks of ``classes_per_task`` in a seeded random order."""
+    classes = np.unique(y_train)
+    if classes_per_task < 1:
+        raise DataFormatError("--classes-per-task must be at least 1")
+    if len(classes) < 2:
+        raise DataFormatError("class-incremental learning needs at least 2 classes in y")
+    order = np.random.default_rng(seed).permutation(classes)
+    tasks = []
+    for t, start in enumerate(range(0, len(order), classes_per_task)):
+        cls = sorted(int(c) for c in order[start:start + classes_per_task])
+        tasks.append(Task(t, np.flatnonzero(np.isin(y_train, cls)), np.flatnonzero(np.isin(y_test, cls)),
+                          cls, f"classes {cls}"))
+    return tasks
+
+
+def domain_incremental_tasks(y_train: np.ndarray, d_train: np.ndarray | None, d_test: np.ndarray | None,
+                             names: dict[int, str] | None = None) -> list[Task]:
+    """One task per domain id, in increasing id order; every task has the full label set."""
+    if d_train is None or d_test is None:
+        raise DataFormatError("domain-incremental learning needs a 'domain' array in train.npz and test.npz")
+    classes = sorted(int(c) for c in np.unique(y_train))
+    tasks = []
+    for t, d in enumerate(sorted(int(v) for v in np.unique(d_train))):
+        test_idx = np.flatnonzero(d_test == d)
+        if len(test_idx) == 0:
+            raise DataFormatError(f"domain {d} has training samples but no test samples")
+        tasks.append(Task(t, np.flatnonzero(d_train == d), test_idx, classes,
+                          (names or {}).get(d, f"domain {d}")))
+    return tasks

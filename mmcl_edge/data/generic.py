@@ -1,0 +1,133 @@
+"""The generic data format for user data with any number of modalities.
+
+A folder holding::
+
+    modalities.json   {"accel": {"kind": "timeseries"}, "gyro": {"kind": "timeseries"}, ...}
+    train.npz         x_<modality> [N, ...] for each modality, y [N] integer labels,
+                      optional domain [N] integer domain ids
+    test.npz          the same arrays for the test split
+
+Options beside "kind" (e.g. "sample_rate", "image_size", "series_length") go to the modality's
+preprocessing. An optional top-level "class_names": [...] names the labels in sorted order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, class_incremental_tasks,
+                                    domain_incremental_tasks)
+from mmcl_edge.preprocess import KINDS, PreprocessSpec
+
+
+def _read_specs(folder: Path) -> tuple[dict[str, PreprocessSpec], list[str] | None]:
+    path = folder / "modalities.json"
+    if not path.is_file():
+        raise DataFormatError(f"{path} is missing: it declares each modality's kind, e.g. "
+                              '{"accel": {"kind": "timeseries"}}')
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path} is not valid JSON: {exc}") from None
+    class_names = raw.pop("class_names", None) if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and isinstance(raw.get("modalities"), dict):
+        raw = raw["modalities"]
+    if not isinstance(raw, dict) or not raw:
+        raise DataFormatError(f"{path} must map each modality name to its options, e.g. "
+                              '{"accel": {"kind": "timeseries"}}')
+    specs = {}
+    for name, opts in raw.items():
+        if not isinstance(opts, dict) or "kind" not in opts:
+            raise DataFormatError(f"modality {name!r} in {path} needs a \"kind\" ({', '.join(KINDS)})")
+        if opts["kind"] not in KINDS:
+            raise DataFormatError(f"modality {name!r} has unknown kind {opts['kind']!r}; "
+                                  f"known kinds: {', '.join(KINDS)}")
+        known = set(PreprocessSpec.__dataclass_fields__) - {"options"}
+        extra = {k: v for k, v in opts.items() if k not in known}
+        specs[name] = PreprocessSpec(**{k: v for k, v in opts.items() if k in known}, options=extra)
+    return specs, class_names
+
+
+def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    path = folder / f"{split}.npz"
+    if not path.is_file():
+        raise DataFormatError(f"{path} is missing")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zip errors, pickled object arrays ...
+        raise DataFormatError(f"{path} cannot be read as an .npz of plain arrays: {exc}") from None
+    with npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if "y" not in arrays:
+        raise DataFormatError(f"{path} has no 'y' array of integer labels")
+    y = arrays["y"]
+    if y.ndim != 1:
+        raise DataFormatError(f"'y' in {path} must be 1-D (one label per sample), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise DataFormatError(f"'y' in {path} must hold integer labels, got dtype {y.dtype}")
+    undeclared = sorted(k[2:] for k in arrays if k.startswith("x_") and k[2:] not in specs)
+    if undeclared:
+        raise DataFormatError(f"{path} has arrays for modalities not declared in modalities.json: "
+                              f"{', '.join(undeclared)}")
+    samples = {}
+    for name, spec in specs.items():
+        key = f"x_{name}"
+        if key not in arrays:
+            raise DataFormatError(f"{path} has no array '{key}' for the declared modality {name!r}")
+        x = arrays[key]
+        if len(x) != len(y):
+            raise DataFormatError(f"'{key}' in {path} has {len(x)} samples but 'y' has {len(y)}")
+        if not np.issubdtype(x.dtype, np.number):
+            raise DataFormatError(f"'{key}' in {path} must be numeric, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if len(bad):
+                raise DataFormatError(f"'{key}' in {path} has NaN or infinite values in {len(bad)} "
+                                      f"samples (first: sample {bad[0]})")
+        samples[name] = [np.asarray(s) for s in x]
+    domain = arrays.get("domain")
+    if domain is not None:
+        if len(domain) != len(y):
+            raise DataFormatError(f"'domain' in {path} has {len(domain)} entries but 'y' has {len(y)}")
+        if not np.issubdtype(domain.dtype, np.integer):
+            raise DataFormatError(f"'domain' in {path} must hold integer ids, got dtype {domain.dtype}")
+    return samples, y, domain
+
+
+def load_generic(folder, setting: str = "class-il", classes_per_task: int = 2, seed: int = 0) -> Scenario:
+    """Read and validate a generic-format folder and build its task stream."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataFormatError(f"data folder {folder} does not exist")
+    if setting not in ("class-il", "domain-il"):
+        raise DataFormatError(f"unknown setting {setting!r}: use class-il or domain-il")
+    specs, class_names = _read_specs(folder)
+    xs_train, y_train, d_train = _read_split(folder, "train", specs)
+    xs_test, y_test, d_test = _read_split(folder, "test", specs)
+    labels = np.unique(y_train)
+    unknown = sorted(set(np.unique(y_test).tolist()) - set(labels.tolist()))
+    if unknown:
+        raise DataFormatError(f"test.npz has labels never seen in train.npz: {unknown}")
+    for name in specs:  # every sample of a modality must have one shape (the batch axis is stacked)
+        shapes = {xs_train[name][0].shape, xs_test[name][0].shape} if len(xs_test[name]) else {xs_train[name][0].shape}
+        if len(shapes) > 1:
+            raise DataFormatError(f"modality {name!r} has samples of shape {xs_train[name][0].shape} in "
+                                  f"train.npz but {xs_test[name][0].shape} in test.npz")
+    # Labels become 0..K-1 in sorted order; names keep the user's values.
+    remap = {int(v): i for i, v in enumerate(labels)}
+    y_train = np.array([remap[int(v)] for v in y_train])
+    y_test = np.array([remap[int(v)] for v in y_test])
+    if class_names is None or len(class_names) != len(labels):
+        class_names = [str(int(v)) for v in labels]
+    train = MultiModalDataset(xs_train, y_train, d_train)
+    test = MultiModalDataset(xs_test, y_test, d_test)
+    if setting == "class-il":
+        tasks = class_incremental_tasks(y_train, y_test, classes_per_task, seed)
+    else:
+        tasks = domain_incremental_tasks(y_train, d_train, d_test)
+    return Scenario(folder.name, setting, train, test, specs, tasks, list(class_names))

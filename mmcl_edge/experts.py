@@ -1,0 +1,42 @@
+"""Bottleneck-adapter experts, shared across tasks, each of which can be frozen on its own."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BottleneckExpert(nn.Module):
+    """``x -> up(gelu(down(x)))``; ``up`` starts at zero so a new expert begins as a no-op."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.nn.functional.gelu(self.down(x)))
+
+
+class ExpertPool(nn.Module):
+    """The experts of one depth; frozen experts stay usable but get no gradient."""
+
+    def __init__(self, n: int, width: int, bottleneck: int):
+        super().__init__()
+        self.experts = nn.ModuleList(BottleneckExpert(width, bottleneck) for _ in range(n))
+        self.register_buffer("frozen", torch.zeros(n, dtype=torch.bool))
+
+    def freeze(self, index: int) -> None:
+        self.frozen[index] = True
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Re-apply ``requires_grad`` from the ``frozen`` buffer (after loading a state)."""
+        for i, expert in enumerate(self.experts):
+            for p in expert.parameters():
+                p.requires_grad_(not bool(self.frozen[i]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All experts on ``x [..., width]`` -> ``[..., n_experts, width]`` (dense: export-friendly)."""
+        return torch.stack([e(x) for e in self.experts], dim=-2)

@@ -1,0 +1,141 @@
+"""The paper's learner: MoE adapters + head trained per task with the joint objective, then
+freezing of influential experts. Baselines that train the same adapters reuse this class and
+switch terms on or off (finetune, LwF) or add one penalty (EWC, replay)."""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from mmcl_edge import freezing, losses
+from mmcl_edge.config import LearnConfig
+from mmcl_edge.learners.base import Learner, TaskData
+from mmcl_edge.model import MMCLModel
+
+
+def to_torch(data: TaskData, idx=None) -> dict[str, list[torch.Tensor]]:
+    sel = slice(None) if idx is None else idx
+    return {m: [torch.from_numpy(np.ascontiguousarray(t[sel])).float() for t in ts] for m, ts in data.taps.items()}
+
+
+class AdapterLearner(Learner):
+    name = "mmcl"
+
+    def __init__(self, config: LearnConfig, modality_taps, setting: str, n_classes: int, model: MMCLModel | None = None):
+        self.cfg = config
+        self.setting = setting
+        self.model = model or MMCLModel(modality_taps, config.encoder, setting, n_classes=n_classes,
+                                        head_mode=config.head, ridge=config.ridge)
+        self.old: MMCLModel | None = None
+        self.frozen_log: list[list[list[int]]] = []
+
+    # hooks for baselines -------------------------------------------------------------------
+    def extra_loss(self, model: MMCLModel) -> torch.Tensor | None:
+        return None
+
+    def training_data(self, data: TaskData) -> TaskData:
+        return data
+
+    def after_task(self, data: TaskData) -> None:
+        return None
+
+    # the shared loop ------------------------------------------------------------------------
+    def learn_task(self, task_index: int, data: TaskData, n_seen: int) -> dict:
+        cfg, model = self.cfg, self.model
+        seed = cfg.train.seed * 1000 + task_index
+        torch.manual_seed(seed)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        n_old = model.head.num_outputs if self.setting == "class-il" else 0
+        model.head.grow(n_seen - model.head.num_outputs)
+        train = self.training_data(data)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        steps_per_epoch = max(1, int(np.ceil(len(train) / cfg.train.batch_size)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
+                                                    pct_start=0.1)
+        gen = torch.Generator().manual_seed(seed)
+        y_all = torch.from_numpy(train.y).long()
+        lc = cfg.loss
+        start = time.perf_counter()
+        model.train()
+        for _ in range(cfg.train.epochs):
+            order = torch.randperm(len(train), generator=gen).numpy()
+            for b in range(0, len(order), cfg.train.batch_size):
+                idx = order[b:b + cfg.train.batch_size]
+                if len(idx) < 2:
+                    continue
+                taps, y = to_torch(train, idx), y_all[idx]
+                logits, out = model.training_logits(taps)
+                if lc.ce_scope == "task" and n_old:
+                    loss = lc.ce * losses.classification(logits[:, n_old:], y - n_old)
+                else:
+                    loss = lc.ce * losses.classification(logits, y)
+                if lc.balance:
+                    loss = loss + lc.balance * losses.load_balance(out.probs, out.gates)
+                if lc.align:
+                    loss = loss + lc.align * losses.relaxed_alignment(out.per_modality, y, lc.align_temperature)
+                if self.old is not None and (lc.distill or lc.preserve):
+                    with torch.no_grad():
+                        old_logits, old_out = self.old.training_logits(taps)
+                    if lc.distill and old_logits.shape[-1] > 0:
+                        loss = loss + lc.distill * losses.distillation(logits, old_logits, lc.temperature)
+                    if lc.preserve:
+                        loss = loss + lc.preserve * 0.5 * (
+                            losses.relational_preservation(out.fused, old_out.fused)
+                            + losses.relational_preservation(out.per_modality, old_out.per_modality))
+                extra = self.extra_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        model.eval()
+        train_seconds = time.perf_counter() - start
+        newly_frozen = self._freeze_influential(data) if cfg.freeze.enabled else []
+        if model.analytic is not None:
+            self._update_analytic(data)
+        self.after_task(data)
+        self.old = copy.deepcopy(model).eval()
+        for p in self.old.parameters():
+            p.requires_grad_(False)
+        return {"train_seconds": train_seconds, "newly_frozen_experts": newly_frozen,
+                "frozen_experts": model.encoder.frozen_experts()}
+
+    @torch.no_grad()
+    def _freeze_influential(self, data: TaskData) -> list[list[int]]:
+        enc = self.model.encoder
+        stats = freezing.RoutingStats(enc.cfg.depths, enc.cfg.experts)
+        for b in range(0, len(data), 256):
+            stats.update(enc(to_torch(data, np.arange(b, min(b + 256, len(data))))).gates)
+        chosen = freezing.choose_experts_to_freeze(stats.influence(self.cfg.freeze.mass_weight),
+                                                   enc.frozen_experts(), self.cfg.freeze)
+        for l, experts in enumerate(chosen):
+            for e in experts:
+                enc.pools[l].freeze(e)
+        self.frozen_log.append(chosen)
+        return chosen
+
+    @torch.no_grad()
+    def _update_analytic(self, data: TaskData) -> None:
+        """Add this task's features (under the model as it ends the task) to the ridge sums."""
+        y = torch.from_numpy(data.y).long()
+        for b in range(0, len(data), 256):
+            idx = np.arange(b, min(b + 256, len(data)))
+            taps = to_torch(data, idx)
+            out = self.model.encoder(taps)
+            self.model.analytic.update(self.model.features(taps, out), y[idx])
+        self.model.analytic.solve()
+
+    @torch.no_grad()
+    def logits(self, data: TaskData) -> np.ndarray:
+        self.model.eval()
+        outs = [self.model(to_torch(data, np.arange(b, min(b + 512, len(data)))))[0]
+                for b in range(0, len(data), 512)]
+        return torch.cat(outs).numpy()
+
+    def predict(self, data: TaskData) -> np.ndarray:
+        return self.logits(data).argmax(axis=1)

@@ -1,0 +1,87 @@
+"""The learnable part (MMEncoder + head) as one module, saved as safetensors + JSON (no pickle)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmcl_edge.analytic import StreamingRidgeHead
+from mmcl_edge.backbones import TapSpec
+from mmcl_edge.config import EncoderConfig
+from mmcl_edge.encoder import EncoderOutput, MMEncoder
+from mmcl_edge.heads import FixedHead, GrowingHead
+
+
+class MMCLModel(nn.Module):
+    def __init__(self, modality_taps: dict[str, tuple[TapSpec, ...]], cfg: EncoderConfig, setting: str,
+                 n_classes: int = 0, head_blocks: list[int] | None = None, head_mode: str = "linear",
+                 ridge: float = 1e-2):
+        super().__init__()
+        self.setting, self.head_mode, self.n_classes, self.ridge = setting, head_mode, n_classes, ridge
+        self.encoder = MMEncoder(modality_taps, cfg)
+        if setting == "domain-il":
+            self.head = FixedHead(cfg.width, n_classes)
+        else:
+            self.head = GrowingHead(cfg.width, head_blocks)
+        if head_mode not in ("linear", "analytic"):
+            raise ValueError(f"unknown head {head_mode!r}: use linear or analytic")
+        self.analytic = StreamingRidgeHead(self.feature_dim(), n_classes, ridge) if head_mode == "analytic" else None
+
+    def feature_dim(self) -> int:
+        taps = self.encoder.modality_taps
+        return self.encoder.cfg.width + sum(taps[m][-1].dim for m in taps)
+
+    def features(self, taps: dict[str, list[torch.Tensor]], out: EncoderOutput) -> torch.Tensor:
+        """Analytic-head features: the fused adapted embedding beside each modality's pooled deepest tap."""
+        frozen = [taps[m][-1].mean(dim=1) for m in self.encoder.modalities]
+        return torch.cat([out.fused * 4.0] + [torch.nn.functional.normalize(f, dim=-1) * 4.0 for f in frozen], dim=-1)
+
+    def training_logits(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
+        """Logits of the gradient-trained linear head (what the losses train in every mode)."""
+        out = self.encoder(taps)
+        return self.head(out.fused), out
+
+    def forward(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
+        out = self.encoder(taps)
+        if self.analytic is not None:
+            return self.analytic(self.features(taps, out))[:, : self.head.num_outputs], out
+        return self.head(out.fused), out
+
+    def describe(self) -> dict:
+        """Everything needed to rebuild the module before loading its weights."""
+        return {
+            "setting": self.setting,
+            "head_mode": self.head_mode,
+            "n_classes": self.n_classes,
+            "ridge": self.ridge,
+            "encoder": vars(self.encoder.cfg),
+            "modality_taps": {m: [vars(t) for t in taps] for m, taps in self.encoder.modality_taps.items()},
+            "head_blocks": self.head.block_sizes(),
+            "frozen_experts": self.encoder.frozen_experts(),
+        }
+
+    @classmethod
+    def from_description(cls, d: dict) -> "MMCLModel":
+        taps = {m: tuple(TapSpec(**t) for t in ts) for m, ts in d["modality_taps"].items()}
+        blocks = d["head_blocks"]
+        model = cls(taps, EncoderConfig(**d["encoder"]), d["setting"], n_classes=d.get("n_classes", sum(blocks)),
+                    head_blocks=blocks, head_mode=d.get("head_mode", "linear"), ridge=d.get("ridge", 1e-2))
+        return model
+
+    def save(self, weights: Path, meta: Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(weights))
+        meta.write_text(json.dumps({**self.describe(), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, weights: Path, meta: Path) -> tuple["MMCLModel", dict]:
+        from safetensors.torch import load_file
+
+        d = json.loads(meta.read_text())
+        model = cls.from_description(d)
+        model.load_state_dict(load_file(str(weights)))
+        model.encoder.apply_freezing()
+        return model, d

@@ -1,0 +1,107 @@
+"""Backbone choice per modality and the on-disk tap cache.
+
+Taps are computed once per sample and stored under a key of (modality, backbone identity,
+preprocessing digest); inside it each sample is keyed by a hash of its raw bytes. Learning a task
+then reads taps from the cache and trains only the adapters: no backbone in the training loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mmcl_edge.backbones import TappedBackbone, create_backbone
+from mmcl_edge.preprocess import PreprocessSpec, preprocess_batch
+
+DEFAULT_BACKBONES = {"image": "efficientnet-lite0", "audio": "efficientnet-lite0",
+                     "timeseries": "efficientnet-lite0", "vector": "identity"}
+
+
+def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = None) -> TappedBackbone:
+    """The frozen backbone of a modality: the kind's default, or a registered name."""
+    name = name or spec.options.get("backbone") or DEFAULT_BACKBONES[spec.kind]
+    if name == "identity":
+        return create_backbone(name, dim=int(np.asarray(example).size))
+    if name == "efficientnet-lite0":
+        return create_backbone(name, image_size=spec.image_size)
+    return create_backbone(name)
+
+
+def sample_key(x: np.ndarray) -> bytes:
+    a = np.ascontiguousarray(x)
+    return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).digest()
+
+
+@dataclass
+class ExtractStats:
+    requested: int = 0
+    extracted: int = 0
+    seconds: float = 0.0
+
+
+class TapCache:
+    """A folder of ``.npz`` shards per (modality, backbone, preprocessing)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._loaded: dict[Path, tuple[dict[bytes, int], list[np.ndarray]]] = {}
+
+    def _folder(self, modality: str, backbone: TappedBackbone, spec: PreprocessSpec) -> Path:
+        return self.root / f"{modality}-{backbone.name}-{backbone.identity()}-{spec.digest()}"
+
+    def _load(self, folder: Path):
+        if folder not in self._loaded:
+            index: dict[bytes, int] = {}
+            parts: list[list[np.ndarray]] = []
+            for shard in sorted(folder.glob("shard_*.npz")):
+                with np.load(shard) as z:
+                    keys = z["keys"]
+                    taps = [z[f"tap{i}"] for i in range(len(z.files) - 1)]
+                base = sum(len(p[0]) for p in parts)
+                for i, k in enumerate(keys):
+                    index.setdefault(bytes(k), base + i)
+                parts.append(taps)
+            merged = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
+            self._loaded[folder] = (index, merged)
+        return self._loaded[folder]
+
+    def get(self, modality: str, samples: list[np.ndarray], spec: PreprocessSpec, backbone: TappedBackbone,
+            batch_size: int = 64, progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], ExtractStats]:
+        """Taps ``[N, tokens, dim]`` (one array per tap) for ``samples``; extracts only what is missing."""
+        start = time.perf_counter()
+        folder = self._folder(modality, backbone, spec)
+        index, arrays = self._load(folder)
+        keys = [sample_key(s) for s in samples]
+        missing = list(dict.fromkeys(k for k in keys if k not in index))
+        stats = ExtractStats(requested=len(samples), extracted=len(missing))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            todo = [samples[first[k]] for k in missing]
+            new = [[] for _ in backbone.taps]
+            with torch.inference_mode():
+                for b in range(0, len(todo), batch_size):
+                    chunk = todo[b:b + batch_size]
+                    x = torch.from_numpy(preprocess_batch(chunk, spec))
+                    for i, t in enumerate(backbone(x)):
+                        new[i].append(t.float().numpy())
+                    if progress:
+                        progress(len(chunk))
+            new_arrays = [np.concatenate(n) for n in new]
+            folder.mkdir(parents=True, exist_ok=True)
+            shard = folder / f"shard_{len(list(folder.glob('shard_*.npz'))):05d}.npz"
+            tmp = shard.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=np.array(missing, dtype="S20"), **{f"tap{i}": a for i, a in enumerate(new_arrays)})
+            tmp.replace(shard)  # a reader never sees a half-written shard
+            base = len(arrays[0]) if arrays else 0
+            for i, k in enumerate(missing):
+                index[k] = base + i
+            arrays = [np.concatenate([a, n]) for a, n in zip(arrays, new_arrays)] if arrays else new_arrays
+            self._loaded[folder] = (index, arrays)
+        rows = np.array([index[k] for k in keys], dtype=int)
+        stats.seconds = time.perf_counter() - start
+        return [a[rows] for a in arrays], stats
