@@ -1,10 +1,14 @@
-"""A closed-form streaming ridge head (RanPAC/ACIL-style), an optional improvement to the paper.
+"""A closed-form streaming ridge head (RanPAC/ACIL-style): an improvement over the paper's head.
 
 A linear head trained by gradient on task data alone is biased towards the newest classes when no
-old samples are kept. This head instead keeps running sums — the Gram matrix ``G = sum f f^T`` and
+old samples are kept. This head keeps running sums instead — the Gram matrix ``G = sum f f^T`` and
 class sums ``C = sum f y^T`` of features — and solves ``W = (G + lam I)^-1 C`` after each task.
-The sums are order-invariant: over fixed features the result after the last task equals a
-ridge head trained jointly on all tasks, with no sample stored.
+Over fixed features the sums are order-invariant: after the last task the head equals a ridge head
+trained jointly on all tasks, with no sample stored.
+
+The adapted part of the features moves when the adapters learn a new task. ``transform`` carries
+the old sums into the new feature space through a linear drift map fitted on the new task's data
+(old features -> new features), so old classes' statistics follow the adapters without replay.
 """
 from __future__ import annotations
 
@@ -19,13 +23,23 @@ class StreamingRidgeHead(nn.Module):
         self.register_buffer("gram", torch.zeros(dim, dim, dtype=torch.float64))
         self.register_buffer("class_sums", torch.zeros(dim, n_classes, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(dim, n_classes))
-        self.register_buffer("mean", torch.zeros(dim))
+
+    @property
+    def empty(self) -> bool:
+        return bool(self.gram.abs().sum() == 0)
 
     @torch.no_grad()
     def update(self, feats: torch.Tensor, y: torch.Tensor) -> None:
         f = feats.double()
         self.gram += f.T @ f
         self.class_sums.index_add_(1, y, f.T)
+
+    @torch.no_grad()
+    def transform(self, m: torch.Tensor) -> None:
+        """Move the sums to features ``f' = f @ m`` (``m``: [dim, dim])."""
+        m = m.double()
+        self.gram.copy_(m.T @ self.gram @ m)
+        self.class_sums.copy_(m.T @ self.class_sums)
 
     @torch.no_grad()
     def solve(self) -> None:
@@ -36,3 +50,18 @@ class StreamingRidgeHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return feats @ self.weight
+
+
+def fit_drift_map(old: torch.Tensor, new: torch.Tensor, n_fixed: int, ridge: float = 1e-3) -> torch.Tensor:
+    """The [dim, dim] map that keeps the first ``n_fixed`` features (frozen-backbone part and bias)
+    and regresses the remaining (adapted) features' new values on their old values plus a bias."""
+    old, new = old.double(), new.double()
+    d = old.shape[1]
+    bias_col = n_fixed - 1                                   # the constant-1 feature is the last fixed one
+    src = torch.cat([old[:, n_fixed:], old[:, bias_col:bias_col + 1]], dim=1)   # [N, A + 1]
+    lam = ridge * torch.trace(src.T @ src) / src.shape[1]
+    a = torch.linalg.solve(src.T @ src + lam * torch.eye(src.shape[1], dtype=src.dtype), src.T @ new[:, n_fixed:])
+    m = torch.eye(d, dtype=torch.float64)
+    m[n_fixed:, n_fixed:] = a[:-1]
+    m[bias_col, n_fixed:] = a[-1]
+    return m

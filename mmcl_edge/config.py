@@ -61,6 +61,7 @@ class LearnConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     head: str = "analytic"        # "linear": the paper's trained head; "analytic": streaming ridge head
     ridge: float = 1e-2           # analytic head: ridge strength relative to the mean feature energy
+    drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,7 @@ class MMCLModel(nn.Module):
                  ridge: float = 1e-2):
         super().__init__()
         self.setting, self.head_mode, self.n_classes, self.ridge = setting, head_mode, n_classes, ridge
+        self.fused_scale = 1.0 / float(cfg.width) ** 0.5 * 2.0
         self.encoder = MMEncoder(modality_taps, cfg)
         if setting == "domain-il":
             self.head = FixedHead(cfg.width, n_classes)
@@ -29,14 +30,20 @@ class MMCLModel(nn.Module):
             raise ValueError(f"unknown head {head_mode!r}: use linear or analytic")
         self.analytic = StreamingRidgeHead(self.feature_dim(), n_classes, ridge) if head_mode == "analytic" else None
 
+    def fixed_feature_dim(self) -> int:
+        """Frozen-backbone part of the analytic features (every tap, pooled) plus a constant 1."""
+        return sum(t.dim for taps in self.encoder.modality_taps.values() for t in taps) + 1
+
     def feature_dim(self) -> int:
-        taps = self.encoder.modality_taps
-        return self.encoder.cfg.width + sum(taps[m][-1].dim for m in taps)
+        return self.fixed_feature_dim() + self.encoder.cfg.width
 
     def features(self, taps: dict[str, list[torch.Tensor]], out: EncoderOutput) -> torch.Tensor:
-        """Analytic-head features: the fused adapted embedding beside each modality's pooled deepest tap."""
-        frozen = [taps[m][-1].mean(dim=1) for m in self.encoder.modalities]
-        return torch.cat([out.fused * 4.0] + [torch.nn.functional.normalize(f, dim=-1) * 4.0 for f in frozen], dim=-1)
+        """Analytic-head features: [each tap of each modality pooled and L2-normalised, 1, the fused
+        adapted embedding (unit-ish scale after its LayerNorm)]. The fixed part never drifts."""
+        pooled = [torch.nn.functional.normalize(t.mean(dim=1), dim=-1)
+                  for m in self.encoder.modalities for t in taps[m]]
+        one = out.fused.new_ones(out.fused.shape[0], 1)
+        return torch.cat(pooled + [one, out.fused * self.fused_scale], dim=-1)
 
     def training_logits(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
         """Logits of the gradient-trained linear head (what the losses train in every mode)."""

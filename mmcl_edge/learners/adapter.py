@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mmcl_edge import freezing, losses
+from mmcl_edge.analytic import fit_drift_map
 from mmcl_edge.config import LearnConfig
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.model import MMCLModel
@@ -51,6 +52,7 @@ class AdapterLearner(Learner):
         n_old = model.head.num_outputs if self.setting == "class-il" else 0
         model.head.grow(n_seen - model.head.num_outputs)
         train = self.training_data(data)
+        before = self._features(data) if model.analytic is not None and not model.analytic.empty else None
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         steps_per_epoch = max(1, int(np.ceil(len(train) / cfg.train.batch_size)))
@@ -97,7 +99,7 @@ class AdapterLearner(Learner):
         train_seconds = time.perf_counter() - start
         newly_frozen = self._freeze_influential(data) if cfg.freeze.enabled else []
         if model.analytic is not None:
-            self._update_analytic(data)
+            self._update_analytic(data, before)
         self.after_task(data)
         self.old = copy.deepcopy(model).eval()
         for p in self.old.parameters():
@@ -120,15 +122,23 @@ class AdapterLearner(Learner):
         return chosen
 
     @torch.no_grad()
-    def _update_analytic(self, data: TaskData) -> None:
-        """Add this task's features (under the model as it ends the task) to the ridge sums."""
-        y = torch.from_numpy(data.y).long()
+    def _features(self, data: TaskData) -> torch.Tensor:
+        """Analytic-head features of ``data`` under the model as it is now."""
+        self.model.eval()
+        parts = []
         for b in range(0, len(data), 256):
-            idx = np.arange(b, min(b + 256, len(data)))
-            taps = to_torch(data, idx)
-            out = self.model.encoder(taps)
-            self.model.analytic.update(self.model.features(taps, out), y[idx])
-        self.model.analytic.solve()
+            taps = to_torch(data, np.arange(b, min(b + 256, len(data))))
+            parts.append(self.model.features(taps, self.model.encoder(taps)))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def _update_analytic(self, data: TaskData, before: torch.Tensor | None) -> None:
+        """Carry the old sums through the adapters' drift on this task, add this task, re-solve."""
+        head, after = self.model.analytic, self._features(data)
+        if before is not None and self.cfg.drift_compensation:
+            head.transform(fit_drift_map(before, after, self.model.fixed_feature_dim()))
+        head.update(after, torch.from_numpy(data.y).long())
+        head.solve()
 
     @torch.no_grad()
     def logits(self, data: TaskData) -> np.ndarray:

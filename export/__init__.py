@@ -1,0 +1,1 @@
+"""Export of frozen backbones and learned adapter packs to ONNX (and TensorRT)."""

@@ -1,0 +1,1 @@
+"""Torch-free runtime: numpy + onnxruntime, hot-swappable adapter packs."""
