@@ -105,7 +105,7 @@ def learn(
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. loss.align=0 or head=linear."),
 ):
     """Learn tasks of a stream on the device: taps are extracted once, only adapters + head train."""
-    from cli.progress import progress_bar
+    from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
     from mmcl_edge.workspace import Workspace
 
@@ -137,7 +137,7 @@ def learn(
 def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
              data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings, if they moved.")):
     """Re-evaluate every saved task state on the test sets; rewrites report.json."""
-    from cli.progress import progress_bar
+    from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.workspace import Workspace
 
     ws = Workspace.open(workspace)

@@ -56,6 +56,11 @@ class MMCLModel(nn.Module):
             return self.analytic(self.features(taps, out))[:, : self.head.num_outputs], out
         return self.head(out.fused), out
 
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """Weights a deployed pack needs: everything but the analytic head's running sums."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith(("analytic.gram", "analytic.class_sums"))}
+
     def describe(self) -> dict:
         """Everything needed to rebuild the module before loading its weights."""
         return {
@@ -80,7 +85,9 @@ class MMCLModel(nn.Module):
     def save(self, weights: Path, meta: Path, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(weights))
+        # the ridge sums are float64 in memory but float32 on disk: half the size, ample precision
+        save_file({k: (v.float() if v.dtype == torch.float64 else v).detach().contiguous()
+                   for k, v in self.state_dict().items()}, str(weights))
         meta.write_text(json.dumps({**self.describe(), **(extra or {})}, indent=2))
 
     @classmethod

@@ -6,6 +6,7 @@ array shaped like its backbone's input (``[3, S, S]`` images for the CNN, ``[D]`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,7 @@ class PreprocessSpec:
 _MEAN, _STD = 127.0 / 255.0, 128.0 / 255.0
 
 
+@functools.lru_cache(maxsize=64)
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Linear-interpolation weights (align_corners=False), so resizing is two small matmuls."""
     scale = n_in / n_out
@@ -95,6 +97,7 @@ def image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return _to_backbone_image(gray, spec.image_size)
 
 
+@functools.lru_cache(maxsize=16)
 def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     def hz_to_mel(f):
         return 2595.0 * np.log10(1.0 + f / 700.0)

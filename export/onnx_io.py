@@ -1,0 +1,43 @@
+"""Shared ONNX export plumbing: the dynamo exporter with a dynamic batch axis, checking, hashing."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from mmcl_edge.runtime.pack import sha256_file
+
+OPSET = 18
+
+
+def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+                input_names: list[str], output_names: list[str]) -> str:
+    """Export ``module`` with every input's first axis dynamic ("batch"); returns the file's sha256.
+
+    Uses the dynamo exporter (the TorchScript one cannot export adaptive pooling with a dynamic
+    batch), keeps the whole model in one file, runs ``onnx.checker`` and writes atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = tuple({0: batch} for _ in example)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        dynamic = (dynamic,)  # torch.export nests the specs of a ``*args`` parameter
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), example, dynamic_shapes=dynamic, input_names=input_names,
+                                    output_names=output_names, opset_version=OPSET, dynamo=True,
+                                    optimize=True, verbose=False)
+        program.save(str(tmp), external_data=False)
+    model = onnx.load(str(tmp))
+    onnx.checker.check_model(model, full_check=True)
+    tmp.replace(path)
+    return sha256_file(path)

@@ -1,0 +1,117 @@
+"""Pack export: after every learned task, the MMEncoder + head become a small, self-describing pack.
+
+    WS/packs/v0003/pack.onnx            taps of all modalities -> logits, fused embedding
+    WS/packs/v0003/weights.safetensors  the same weights (no pickle), for the learner and audits
+    WS/packs/v0003/manifest.json        what the runtime validates before the pack may serve
+    WS/current                          name of the pack to serve, replaced atomically
+
+A pack is written into a hidden temporary folder and renamed into place, then ``current`` is
+rewritten through a temporary file and ``os.replace``: a reader sees the old pack or the new one,
+never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
+from mmcl_edge.runtime.pack import (CURRENT_FILE, MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, WEIGHTS_FILE,
+                                    pack_digest)
+
+
+class PackGraph(nn.Module):
+    """The model with flat tap inputs (ONNX has no dict inputs), in ``encoder.input_names()`` order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layout = [(m, len(t)) for m, t in model.encoder.modality_taps.items()]
+
+    def forward(self, *flat: torch.Tensor):
+        taps, i = {}, 0
+        for m, n in self.layout:
+            taps[m] = list(flat[i:i + n])
+            i += n
+        logits, out = self.model(taps)
+        return logits, out.fused
+
+
+def pack_inputs(model) -> list[dict]:
+    return [{"name": f"{m}__{t.name}", "modality": m, "tap": t.name, "shape": [None, t.tokens, t.dim]}
+            for m, taps in model.encoder.modality_taps.items() for t in taps]
+
+
+def next_version(packs_dir: Path) -> int:
+    versions = [int(p.name[1:]) for p in packs_dir.glob("v[0-9]*") if p.name[1:].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def export_pack(model, folder: Path, *, version: int, task: int, classes: list, label_names: list[str],
+                setting: str, preprocess: dict, backbones: dict[str, str], extra: dict | None = None) -> dict:
+    """Write a complete pack into ``folder`` (which must not exist) and return its manifest."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    model = model.eval()
+    inputs = pack_inputs(model)
+    example = tuple(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs)
+    export_onnx(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs], ["logits", "fused"])
+    save_file(model.inference_state(), str(folder / WEIGHTS_FILE),
+              metadata={"description": json.dumps(model.describe())})
+    files = {name: sha256_file(folder / name) for name in (ONNX_FILE, WEIGHTS_FILE)}
+    manifest = {
+        "schema": PACK_SCHEMA,
+        "version": version,
+        "task": task,
+        "setting": setting,
+        "classes": [int(c) for c in classes],
+        "label_names": [str(n) for n in label_names],
+        "inputs": inputs,
+        "outputs": {"logits": [None, len(classes)], "fused": [None, model.encoder.cfg.width]},
+        "preprocess": preprocess,
+        "backbones": backbones,
+        "opset": OPSET,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+        **(extra or {}),
+    }
+    manifest["sha256"] = pack_digest(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def set_current(root: Path, name: str) -> None:
+    """Point ``root/current`` at pack ``name`` atomically (write a temporary file, then rename)."""
+    tmp = Path(root) / f".{CURRENT_FILE}.tmp{os.getpid()}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, Path(root) / CURRENT_FILE)
+
+
+def publish_pack(ws, task: int, model) -> Path:
+    """Export the workspace's backbones if needed, write the pack of ``task`` and make it current."""
+    from mmcl_edge.export.backbone_export import ensure_backbones
+
+    sc, src = ws.scenario(), ws.tap_source()
+    index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs)
+    classes = sc.classes_seen(task) if sc.setting == "class-il" else list(range(sc.num_classes))
+    packs = ws.root / "packs"
+    packs.mkdir(parents=True, exist_ok=True)
+    version = next_version(packs)
+    name = f"v{version:04d}"
+    tmp = packs / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_pack(model, tmp, version=version, task=task, classes=classes,
+                label_names=[sc.class_names[c] for c in classes], setting=sc.setting,
+                preprocess={m: s.to_dict() for m, s in sc.specs.items()},
+                backbones={m: e["identity"] for m, e in index["modalities"].items()},
+                extra={"scenario": sc.name})
+    os.replace(tmp, packs / name)
+    set_current(ws.root, name)
+    return packs / name

@@ -1,0 +1,45 @@
+"""Execution providers: the best one onnxruntime offers here (TensorRT > CUDA > CPU), or the user's."""
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from mmcl_edge.runtime.errors import RuntimeUserError
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+SHORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+               "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def available() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def choose(requested: list[str] | str | None = None) -> list[str]:
+    """Providers to pass to a session, best first, always ending in CPU as the fallback.
+
+    ``requested`` may use short names (``"cuda"``, ``"cpu"``, ``"tensorrt"``) or onnxruntime's own.
+    """
+    have = available()
+    if requested is None:
+        chosen = [p for p in PREFERENCE if p in have]
+    else:
+        items = [requested] if isinstance(requested, str) else list(requested)
+        chosen = []
+        for item in items:
+            name = SHORT_NAMES.get(item.lower(), item)
+            if name not in have:
+                raise RuntimeUserError(f"execution provider {item!r} is not available in this onnxruntime "
+                                       f"build; available: {', '.join(have)}")
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session(path, providers: list[str], threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
