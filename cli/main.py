@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -113,6 +114,8 @@ def learn(
     overrides["train.seed"] = seed
     if epochs is not None:
         overrides["train.epochs"] = epochs
+    if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
+        data_dir = Path(os.environ["MMCL_EDGE_DATA"])  # remembered, so later commands need not repeat it
     source = {"scenario": None if data else scenario, "data": str(data.expanduser().resolve()) if data else None,
               "data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
               "setting": setting if data else None, "classes_per_task": classes_per_task if data else None,
@@ -145,6 +148,127 @@ def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-
         ws.meta["source"]["data_dir"] = str(data_dir.expanduser().resolve())
     print_report(ws.evaluate(progress=progress_bar))
     out.print(f"report: {ws.root / 'report.json'}")
+
+
+@app.command()
+@user_errors
+def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+           force: bool = typer.Option(False, help="Re-export the backbones even if their identity is unchanged."),
+           tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt",
+                                                   help="Build TensorRT engines (default: when TensorRT and a GPU are present)."),
+           fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it.")):
+    """Export the workspace's frozen backbones to ONNX (once) and publish the latest pack if missing."""
+    from mmcl_edge.export.backbone_export import ensure_backbones, read_index, verify_index
+    from mmcl_edge.export.pack_export import publish_pack
+    from mmcl_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
+    from mmcl_edge.runtime.tensorrt_backend import tensorrt_available
+    from mmcl_edge.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    index = read_index(ws.root / "backbones")
+    if force or not index["modalities"] or verify_index(ws.root / "backbones"):
+        sc, src = ws.scenario(), ws.tap_source()
+        index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs, force=force, log=err.print)
+    problems = verify_index(ws.root / "backbones")
+    if problems:
+        raise KeyError("; ".join(problems))
+    t = Table(title=f"Backbones in {ws.root / 'backbones'}")
+    for c in ("modality", "backbone", "identity", "onnx sha256", "taps"):
+        t.add_column(c)
+    for m, e in index["modalities"].items():
+        t.add_row(m, e["name"], e["identity"], e["sha256"][:16], ", ".join(f"{x['name']} {x['tokens']}x{x['dim']}" for x in e["taps"]))
+    out.print(t)
+    done = ws.learned_tasks()
+    if done and not (ws.root / "current").is_file():
+        path = publish_pack(ws, done - 1, ws.load_model(done - 1))
+        out.print(f"published pack {path.name} (task {done - 1})")
+    available, why = tensorrt_available()
+    if tensorrt or (tensorrt is None and available):
+        try:
+            build_engines(ws.root / "backbones", fp16=fp16, log=err.print)
+            out.print("TensorRT engines built")
+        except TensorRTUnavailable as exc:
+            err.print(f"[yellow]note:[/] {exc}")
+    elif tensorrt is None:
+        err.print(f"TensorRT engines skipped: {why} (ONNX backbones run on any onnxruntime provider)")
+
+
+@app.command()
+@user_errors
+def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+            input_: list[str] = typer.Option(..., "--input", "-i",
+                                             help="A .npz in the generic format (x_<modality> arrays), or "
+                                                  "MODALITY=FILE per modality (.wav, .png/.jpg, .npy, .csv)."),
+            provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Predict with the torch-free runtime from the workspace's current pack."""
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.errors import InputError
+    from mmcl_edge.runtime.inputs import read_npz, read_sample
+
+    rt = Runtime(workspace, providers=provider)
+    mods = rt.backbones.modalities
+    if len(input_) == 1 and input_[0].lower().endswith(".npz") and "=" not in input_[0]:
+        inputs = read_npz(Path(input_[0]), mods)
+    else:
+        inputs = {}
+        for item in input_:
+            if "=" not in item:
+                raise InputError(f"--input {item!r}: use MODALITY=FILE (modalities: {', '.join(mods)}) or one .npz")
+            m, f = item.split("=", 1)
+            inputs[m.strip()] = read_sample(Path(f))
+    p = rt.predict(inputs)
+    if as_json:
+        out.print_json(json.dumps({"labels": p.labels, "scores": p.scores.tolist(), "pack_version": p.pack_version,
+                                   "timings_ms": p.timings_ms}))
+        return
+    t = Table(title=f"Predictions (pack v{p.pack_version:04d})")
+    for c in ("sample", "label", "score"):
+        t.add_column(c, justify="right")
+    for i, (label, score) in enumerate(zip(p.labels, p.scores)):
+        t.add_row(str(i), label, f"{score:.3f}")
+    out.print(t)
+    out.print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items()))
+
+
+@app.command()
+@user_errors
+def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")):
+    """What a workspace holds: data source, backbones, packs, classes, and the providers here."""
+    from mmcl_edge.export.backbone_export import read_index
+    from mmcl_edge.runtime import providers as prov
+    from mmcl_edge.runtime.pack import CURRENT_FILE, MANIFEST_FILE
+
+    root = workspace.expanduser().resolve()
+    meta_path = root / "workspace.json"
+    if not meta_path.is_file():
+        raise KeyError(f"{root} is not a workspace (no workspace.json)")
+    meta = json.loads(meta_path.read_text())
+    src = meta["source"]
+    out.print(f"[bold]workspace[/] {root}")
+    out.print(f"data: {src.get('scenario') or src.get('data')}  head: {meta['config']['head']}")
+    idx = read_index(root / "backbones")["modalities"]
+    t = Table(title="Backbones")
+    for c in ("modality", "backbone", "identity", "onnx", "TensorRT engine"):
+        t.add_column(c)
+    for m, e in idx.items():
+        t.add_row(m, e["name"], e["identity"], e["file"], (e.get("tensorrt") or {}).get("file", "–"))
+    out.print(t)
+    current = (root / CURRENT_FILE).read_text().strip() if (root / CURRENT_FILE).is_file() else None
+    p = Table(title="Packs")
+    for c in ("pack", "task", "classes", "created", "size (KB)", "current"):
+        p.add_column(c)
+    for d in sorted((root / "packs").glob("v[0-9]*")):
+        try:
+            man = json.loads((d / MANIFEST_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            p.add_row(d.name, "?", "unreadable manifest", "", "", "")
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir()) // 1024
+        p.add_row(d.name, str(man.get("task")), " ".join(man.get("label_names", [])), man.get("created", ""),
+                  str(size), "yes" if d.name == current else "")
+    out.print(p)
+    out.print(f"onnxruntime providers here: {', '.join(prov.available())}; chosen: {', '.join(prov.choose())}")
 
 
 @data_app.command("download-fsdd")

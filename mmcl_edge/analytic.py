@@ -48,8 +48,12 @@ class StreamingRidgeHead(nn.Module):
         w = torch.linalg.solve(self.gram + lam * torch.eye(d, dtype=self.gram.dtype), self.class_sums)
         self.weight.copy_(w.float())
 
+    # Ridge outputs regress one-hot targets (about 0..1); scaling them makes a softmax over them
+    # a usable confidence score without changing which class wins.
+    logit_scale = 10.0
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats @ self.weight
+        return (feats @ self.weight) * self.logit_scale
 
 
 def fit_drift_map(old: torch.Tensor, new: torch.Tensor, n_fixed: int, ridge: float = 1e-3) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Reading raw inputs from files for ``mmcl-edge predict`` (numpy + the standard library)."""
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from mmcl_edge.runtime.errors import InputError
+
+
+def read_npz(path: Path, modalities: list[str]) -> dict[str, np.ndarray]:
+    """A generic-format ``.npz``: arrays ``x_<modality>`` with a leading sample axis."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable .npz file ({exc})") from None
+    missing = [m for m in modalities if f"x_{m}" not in arrays]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join('x_' + m for m in missing)} "
+                         f"(it holds {', '.join(sorted(arrays)) or 'nothing'})")
+    return {m: arrays[f"x_{m}"] for m in modalities}
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    try:
+        import soundfile  # any format/bit depth, if installed
+
+        data, _ = soundfile.read(str(path), dtype="float32", always_2d=True)
+        return data.mean(axis=1)
+    except ImportError:
+        pass
+    with wave.open(str(path), "rb") as w:  # PCM WAV without extra packages
+        width, channels = w.getsampwidth(), w.getnchannels()
+        raw = np.frombuffer(w.readframes(w.getnframes()), dtype={1: np.uint8, 2: np.int16, 4: np.int32}[width])
+    x = raw.astype(np.float32)
+    x = (x - 128) / 128 if width == 1 else x / float(2 ** (8 * width - 1))
+    return x.reshape(-1, channels).mean(axis=1)
+
+
+def read_sample(path: Path) -> np.ndarray:
+    """One sample from a ``.wav``, image (``.png``/``.jpg``, needs Pillow), ``.npy`` or ``.csv``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".wav":
+            return _read_wav(path)
+        if suffix in (".png", ".jpg", ".jpeg", ".bmp"):
+            try:
+                from PIL import Image
+            except ImportError:
+                raise InputError("reading images needs Pillow (pip install pillow); or pass a .npy array") from None
+            return np.asarray(Image.open(path).convert("RGB") if Image.open(path).mode not in ("L", "I", "F")
+                              else Image.open(path), dtype=np.float32)
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".csv":
+            return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=1)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    raise InputError(f"{path}: unknown input type {suffix!r}; use .npz, .wav, .png/.jpg, .npy or .csv")
