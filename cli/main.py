@@ -271,6 +271,80 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     out.print(f"onnxruntime providers here: {', '.join(prov.available())}; chosen: {', '.join(prov.choose())}")
 
 
+@bench_app.command("cl")
+@user_errors
+def bench_cl(
+    scenario: str = typer.Option("avdigits-cil", help="avdigits-cil, avdigits-dil, synthetic-cil or synthetic-dil."),
+    data: Optional[Path] = typer.Option(None, help="Your data in the generic format; replaces --scenario."),
+    data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings for AV-Digits (else $MMCL_EDGE_DATA)."),
+    setting: str = typer.Option("class-il", help="With --data: class-il or domain-il."),
+    classes_per_task: int = typer.Option(2, help="With --data and class-il: classes per task."),
+    methods: str = typer.Option("all", help="Comma-separated names, 'all', 'baselines' or 'ablations'."),
+    seeds: int = typer.Option(3, min=1, help="Runs per method with seeds 0..N-1 (class order and training)."),
+    out_file: Path = typer.Option(Path("bench-cl.json"), "--out", help="Where the JSON result goes."),
+    plot: Optional[Path] = typer.Option(None, help="Write PNG plots into this folder."),
+    cache: Path = typer.Option(Path("mmcl-bench-cache"), help="Tap cache shared by all methods and runs."),
+    validation: bool = typer.Option(False, help="Evaluate on a validation split carved from the training data "
+                                                "(for choosing hyper-parameters), not on the test split."),
+    epochs: Optional[int] = typer.Option(None, help="Adapter training epochs per task (all trainable methods)."),
+    set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. baselines.ewc_lambda=100."),
+):
+    """Continual-learning benchmark: the method, its ablations and the baselines, side by side."""
+    from mmcl_edge.benchmark import run_cl_benchmark
+    from mmcl_edge.cli.progress import progress_bar
+    from mmcl_edge.config import LearnConfig
+    from mmcl_edge.data import load_scenario
+    from mmcl_edge.data.dataset import validation_scenario
+    from mmcl_edge.learners import ABLATIONS, BASELINE_NAMES, method_names
+
+    overrides = parse_overrides(set_)
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    config = LearnConfig().override(overrides)
+    if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
+        data_dir = Path(os.environ["MMCL_EDGE_DATA"])
+
+    def load(seed: int):
+        sc = load_scenario(None if data else scenario, data=str(data) if data else None,
+                           data_dir=str(data_dir) if data_dir else None, setting=setting,
+                           classes_per_task=classes_per_task, seed=seed)
+        return validation_scenario(sc, seed=seed) if validation else sc
+
+    first = load(0)
+    known = method_names(first.modalities)
+    groups = {"all": known, "baselines": list(BASELINE_NAMES),
+              "ablations": [m for m in known if m.startswith("mmcl")]}
+    chosen = groups.get(methods) or [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in known]
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    err.print(f"[bold]{first.name}[/]: {len(chosen)} methods x {seeds} seeds, {len(first.tasks)} tasks"
+              + (" — validation split" if validation else ""))
+
+    def on_result(name, seed, rep):
+        err.print(f"  {name:22s} seed {seed}: final {_pct(rep['final_average_accuracy'])}%  "
+                  f"forgetting {_pct(rep['forgetting'])}  learn {rep['learn_seconds']:.1f}s")
+
+    result = run_cl_benchmark(load, chosen, seeds, config, cache, progress_bar, on_result)
+    result["validation"] = validation
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"{result['scenario']} ({result['setting']}), mean ± std over {seeds} seed(s), %")
+    for c in ("method", "final avg acc", "avg incremental acc", "forgetting", "learn s"):
+        t.add_column(c, justify="right" if c != "method" else "left")
+    for name, e in result["methods"].items():
+        pm = lambda k, scale=100: f"{scale * e[k]:.1f} ± {scale * e[k + '_std']:.1f}"
+        t.add_row(name, pm("final_average_accuracy"), pm("average_incremental_accuracy"), pm("forgetting"),
+                  pm("learn_seconds", 1))
+    out.print(t)
+    out.print(f"results: {out_file}")
+    if plot:
+        from mmcl_edge.plots import write_plots
+
+        paths = write_plots(result, plot)
+        out.print(f"{len(paths)} plots in {plot}")
+
+
 @data_app.command("download-fsdd")
 @user_errors
 def download_fsdd(to: Path = typer.Option(..., help="Folder to put FSDD's recordings/ into.")):

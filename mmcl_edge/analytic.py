@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 
+def pooled_tap_features(taps: dict[str, list[torch.Tensor]], modalities: list[str]) -> torch.Tensor:
+    """Frozen-backbone features: every tap of every modality mean-pooled over tokens, L2-normalised,
+    concatenated. Shared by the method's analytic head and the SimpleCIL/ridge baselines."""
+    return torch.cat([nn.functional.normalize(t.mean(dim=1), dim=-1) for m in modalities for t in taps[m]], dim=-1)
+
+
 class StreamingRidgeHead(nn.Module):
     def __init__(self, dim: int, n_classes: int, ridge: float = 1e-2):
         super().__init__()

@@ -54,11 +54,21 @@ class TrainConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Knobs of the baselines (chosen on a validation split; see benchmarks/README.md)."""
+
+    ewc_lambda: float = 1000.0    # EWC: weight of the Fisher penalty
+    buffer_size: int = 200        # ER: cached-tap samples kept (class-balanced)
+    random_projection: int = 0    # ridge: width of the fixed random ReLU projection (0 = none)
+
+
+@dataclass
 class LearnConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     head: str = "analytic"        # "linear": the paper's trained head; "analytic": streaming ridge head
     ridge: float = 1e-2           # analytic head: ridge strength relative to the mean feature energy
     drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift

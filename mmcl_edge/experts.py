@@ -34,8 +34,13 @@ class ExpertPool(nn.Module):
     def apply_freezing(self) -> None:
         """Re-apply ``requires_grad`` from the ``frozen`` buffer (after loading a state)."""
         for i, expert in enumerate(self.experts):
+            frozen = bool(self.frozen[i])
             for p in expert.parameters():
-                p.requires_grad_(not bool(self.frozen[i]))
+                p.requires_grad_(not frozen)
+                if frozen:
+                    # A stale (zeroed) gradient would let an optimiser with momentum or weight
+                    # decay keep moving the expert; without a gradient it is skipped.
+                    p.grad = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """All experts on ``x [..., width]`` -> ``[..., n_experts, width]`` (dense: export-friendly)."""

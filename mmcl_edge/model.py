@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmcl_edge.analytic import StreamingRidgeHead
+from mmcl_edge.analytic import StreamingRidgeHead, pooled_tap_features
 from mmcl_edge.backbones import TapSpec
 from mmcl_edge.config import EncoderConfig
 from mmcl_edge.encoder import EncoderOutput, MMEncoder
@@ -40,10 +40,8 @@ class MMCLModel(nn.Module):
     def features(self, taps: dict[str, list[torch.Tensor]], out: EncoderOutput) -> torch.Tensor:
         """Analytic-head features: [each tap of each modality pooled and L2-normalised, 1, the fused
         adapted embedding (unit-ish scale after its LayerNorm)]. The fixed part never drifts."""
-        pooled = [torch.nn.functional.normalize(t.mean(dim=1), dim=-1)
-                  for m in self.encoder.modalities for t in taps[m]]
         one = out.fused.new_ones(out.fused.shape[0], 1)
-        return torch.cat(pooled + [one, out.fused * self.fused_scale], dim=-1)
+        return torch.cat([pooled_tap_features(taps, self.encoder.modalities), one, out.fused * self.fused_scale], dim=-1)
 
     def training_logits(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
         """Logits of the gradient-trained linear head (what the losses train in every mode)."""

@@ -32,9 +32,17 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = N
     return create_backbone(name)
 
 
+_KEY_BYTES = 20  # a sha1 digest
+
+
 def sample_key(x: np.ndarray) -> bytes:
     a = np.ascontiguousarray(x)
     return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).digest()
+
+
+def _shards(folder: Path) -> list[Path]:
+    """Finished shards only: a ``.tmp.npz`` still being written also matches ``shard_*.npz``."""
+    return sorted(p for p in folder.glob("shard_*.npz") if not p.name.endswith(".tmp.npz"))
 
 
 @dataclass
@@ -58,13 +66,14 @@ class TapCache:
         if folder not in self._loaded:
             index: dict[bytes, int] = {}
             parts: list[list[np.ndarray]] = []
-            for shard in sorted(folder.glob("shard_*.npz")):
+            for shard in _shards(folder):
                 with np.load(shard) as z:
                     keys = z["keys"]
                     taps = [z[f"tap{i}"] for i in range(len(z.files) - 1)]
                 base = sum(len(p[0]) for p in parts)
                 for i, k in enumerate(keys):
-                    index.setdefault(bytes(k), base + i)
+                    # numpy's "S" dtype drops trailing NUL bytes; a digest may end in them.
+                    index.setdefault(bytes(k).ljust(_KEY_BYTES, b"\0"), base + i)
                 parts.append(taps)
             merged = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
             self._loaded[folder] = (index, merged)
@@ -93,9 +102,9 @@ class TapCache:
                         progress(len(chunk))
             new_arrays = [np.concatenate(n) for n in new]
             folder.mkdir(parents=True, exist_ok=True)
-            shard = folder / f"shard_{len(list(folder.glob('shard_*.npz'))):05d}.npz"
+            shard = folder / f"shard_{len(_shards(folder)):05d}.npz"
             tmp = shard.with_suffix(".tmp.npz")
-            np.savez(tmp, keys=np.array(missing, dtype="S20"), **{f"tap{i}": a for i, a in enumerate(new_arrays)})
+            np.savez(tmp, keys=np.array(missing, dtype=f"S{_KEY_BYTES}"), **{f"tap{i}": a for i, a in enumerate(new_arrays)})
             tmp.replace(shard)  # a reader never sees a half-written shard
             base = len(arrays[0]) if arrays else 0
             for i, k in enumerate(missing):

@@ -99,3 +99,28 @@ def domain_incremental_tasks(y_train: np.ndarray, d_train: np.ndarray | None, d_
         tasks.append(Task(t, np.flatnonzero(d_train == d), test_idx, classes,
                           (names or {}).get(d, f"domain {d}")))
     return tasks
+
+
+def validation_scenario(scenario: Scenario, fraction: float = 0.2, seed: int = 0) -> Scenario:
+    """The same task stream with each task's test set replaced by a held-out part of its training set.
+
+    Hyper-parameters are chosen on this, never on the test split.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    train_parts, val_parts, tasks, cursor = [], [], [], 0
+    for task in scenario.tasks:
+        idx = rng.permutation(task.train_idx)
+        n_val = max(1, int(round(fraction * len(idx))))
+        val, fit = np.sort(idx[:n_val]), np.sort(idx[n_val:])
+        train_parts.append(fit)
+        val_parts.append(val)
+        tasks.append(Task(task.index, np.arange(cursor, cursor + len(fit)), val, task.classes, task.name))
+        cursor += len(fit)
+    fit_all = np.concatenate(train_parts)
+    val_all = np.concatenate(val_parts)
+    # validation samples are drawn from train: index them into a "test" set built from train
+    offsets = np.cumsum([0] + [len(v) for v in val_parts])
+    for t, task in enumerate(tasks):
+        task.test_idx = np.arange(offsets[t], offsets[t + 1])
+    return Scenario(f"{scenario.name} (validation)", scenario.setting, scenario.train.subset(fit_all),
+                    scenario.train.subset(val_all), scenario.specs, tasks, scenario.class_names)

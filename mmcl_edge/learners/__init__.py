@@ -1,16 +1,40 @@
-"""Learners: the paper's method and the baselines, all driven by one task loop (``stream.py``)."""
+"""Learners: the method, its ablations and the baselines, all driven by one task loop (``stream.py``)."""
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.learners.adapter import AdapterLearner
 
-__all__ = ["Learner", "TaskData", "AdapterLearner", "create_learner", "METHODS"]
+__all__ = ["Learner", "TaskData", "AdapterLearner", "create_learner", "method_names", "ABLATIONS", "BASELINE_NAMES"]
 
-METHODS = ("mmcl",)
+BASELINE_NAMES = ("finetune", "lwf", "ewc", "er", "simplecil", "ridge", "joint")
+
+# The method's variants as configuration: "mmcl" is the default (analytic, drift-compensated head);
+# "mmcl-paper" is the paper's method as published (gradient-trained linear head).
+ABLATIONS = {
+    "mmcl": {},
+    "mmcl-paper": {"head": "linear"},
+    "mmcl-no-align": {"loss.align": 0.0},
+    "mmcl-no-preserve": {"loss.preserve": 0.0},
+    "mmcl-no-distill": {"loss.distill": 0.0},
+    "mmcl-no-freeze": {"freeze.enabled": False},
+    "mmcl-no-xmodal": {"encoder.cross_modal_routing": False},
+    "mmcl-no-drift-comp": {"drift_compensation": False},
+}
 
 
-def create_learner(name: str, scenario_info: dict, config) -> Learner:
-    """Build a learner by name. ``scenario_info``: modality_taps, setting, n_classes."""
-    if name == "mmcl":
-        return AdapterLearner(config, **scenario_info)
+def method_names(modalities: list[str]) -> list[str]:
+    """Every runnable name: method variants, single-modality ablations, baselines."""
+    single = [f"mmcl-{m}-only" for m in modalities] if len(modalities) > 1 else []
+    return [*ABLATIONS, *single, *BASELINE_NAMES]
+
+
+def create_learner(name: str, config, modality_taps: dict, setting: str, n_classes: int) -> Learner:
+    """Build a learner by name on a scenario's taps (``modality_taps``)."""
     from mmcl_edge.learners import baselines
 
-    return baselines.create(name, scenario_info, config)
+    if name in ABLATIONS:
+        return AdapterLearner(config.override(ABLATIONS[name]), modality_taps, setting, n_classes)
+    if name.startswith("mmcl-") and name.endswith("-only") and name[5:-5] in modality_taps:
+        return baselines.SingleModalityLearner(
+            lambda taps, *a: AdapterLearner(config, taps, *a), name[5:-5], modality_taps, setting, n_classes)
+    if name in baselines.BASELINES:
+        return baselines.BASELINES[name](config, modality_taps, setting, n_classes)
+    raise KeyError(f"unknown method {name!r}; known: {', '.join(method_names(list(modality_taps)))}")

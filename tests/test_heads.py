@@ -1,0 +1,140 @@
+"""Classifier heads: GrowingHead, FixedHead and the closed-form StreamingRidgeHead."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmcl_edge.analytic import StreamingRidgeHead, fit_drift_map
+from mmcl_edge.heads import FixedHead, GrowingHead
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_growing_head_grows_and_keeps_old_outputs():
+    torch.manual_seed(0)
+    head = GrowingHead(6, [2])
+    z = torch.randn(4, 6)
+    before = head(z).detach().clone()
+    old_state = {k: v.clone() for k, v in head.state_dict().items()}
+
+    head.grow(3)
+    assert head.block_sizes() == [2, 3]
+    assert head.num_outputs == 5
+    out = head(z)
+    assert out.shape == (4, 5)
+    torch.testing.assert_close(out[:, :2], before, rtol=0, atol=0)
+    for k, v in old_state.items():
+        assert torch.equal(head.state_dict()[k], v)
+
+    head.grow(0)                       # nothing new: no empty block
+    assert head.block_sizes() == [2, 3]
+    head.grow(1)
+    assert head.block_sizes() == [2, 3, 1] and head(z).shape == (4, 6)
+
+
+def test_growing_head_output_is_concatenation_of_blocks():
+    torch.manual_seed(1)
+    head = GrowingHead(3, [2, 1])
+    z = torch.randn(5, 3)
+    w = torch.cat([b.weight for b in head.blocks]).detach().numpy()
+    bias = torch.cat([b.bias for b in head.blocks]).detach().numpy()
+    np.testing.assert_allclose(head(z).detach().numpy(), z.numpy() @ w.T + bias, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_head_never_grows():
+    head = FixedHead(4, 5)
+    assert head.block_sizes() == [5]
+    head.grow(3)
+    assert head.block_sizes() == [5] and head.num_outputs == 5
+    assert head(torch.randn(2, 4)).shape == (2, 5)
+
+
+def _data(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen), torch.randint(0, k, (n,), generator=gen)
+
+
+def test_ridge_head_update_is_order_invariant():
+    f, y = _data(40, 5, 3, seed=0)
+    one = StreamingRidgeHead(5, 3)
+    one.update(f, y)
+    two = StreamingRidgeHead(5, 3)
+    two.update(f[25:], y[25:])        # a later chunk first
+    two.update(f[:25], y[:25])
+    torch.testing.assert_close(one.gram, two.gram)
+    torch.testing.assert_close(one.class_sums, two.class_sums)
+    one.solve()
+    two.solve()
+    torch.testing.assert_close(one.weight, two.weight)
+    assert StreamingRidgeHead(5, 3).empty and not one.empty
+
+
+def test_ridge_head_solve_matches_numpy_ridge():
+    ridge = 0.1
+    f, y = _data(30, 4, 3, seed=1)
+    head = StreamingRidgeHead(4, 3, ridge=ridge)
+    head.update(f, y)
+    head.solve()
+
+    x = f.numpy().astype(np.float64)
+    targets = np.eye(3)[y.numpy()]
+    lam = ridge * np.sum(x * x) / x.shape[1]          # ridge relative to the mean feature energy
+    w = np.linalg.solve(x.T @ x + lam * np.eye(4), x.T @ targets)
+    np.testing.assert_allclose(head.weight.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head(f).numpy(), (x @ w) * head.logit_scale, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_head_fits_separable_classes():
+    gen = torch.Generator().manual_seed(2)
+    y = torch.arange(60) % 3
+    f = torch.eye(3, 6)[y] * 4.0 + 0.1 * torch.randn(60, 6, generator=gen)
+    head = StreamingRidgeHead(6, 3)
+    head.update(f, y)
+    head.solve()
+    assert (head(f).argmax(dim=1) == y).all()
+
+
+def test_ridge_head_transform_identity_keeps_weights():
+    f, y = _data(20, 4, 2, seed=3)
+    head = StreamingRidgeHead(4, 2)
+    head.update(f, y)
+    head.solve()
+    w = head.weight.clone()
+    gram, sums = head.gram.clone(), head.class_sums.clone()
+    head.transform(torch.eye(4))
+    head.solve()
+    assert torch.equal(head.gram, gram) and torch.equal(head.class_sums, sums)
+    torch.testing.assert_close(head.weight, w)
+
+
+def test_ridge_head_transform_equals_updating_with_moved_features():
+    f, y = _data(20, 4, 2, seed=4)
+    m = torch.randn(4, 4, generator=torch.Generator().manual_seed(5))
+    moved = StreamingRidgeHead(4, 2)
+    moved.update(f, y)
+    moved.transform(m)
+    direct = StreamingRidgeHead(4, 2)
+    direct.update(f.double() @ m.double(), y)
+    torch.testing.assert_close(moved.gram, direct.gram)
+    torch.testing.assert_close(moved.class_sums, direct.class_sums)
+
+
+def test_fit_drift_map_recovers_linear_drift():
+    rng = np.random.default_rng(0)
+    n, n_fixed, n_adapted = 200, 4, 3
+    fixed = np.concatenate([rng.normal(size=(n, n_fixed - 1)), np.ones((n, 1))], axis=1)  # last fixed: bias
+    adapted_old = rng.normal(size=(n, n_adapted))
+    a_true = rng.normal(size=(n_adapted, n_adapted))
+    b_true = rng.normal(size=n_adapted)
+    adapted_new = adapted_old @ a_true + b_true
+    old = np.concatenate([fixed, adapted_old], axis=1)
+    new = np.concatenate([fixed, adapted_new], axis=1)
+
+    m = fit_drift_map(torch.tensor(old), torch.tensor(new), n_fixed, ridge=1e-10).numpy()
+    assert m.shape == (n_fixed + n_adapted,) * 2
+    np.testing.assert_array_equal(m[:, :n_fixed], np.eye(n_fixed + n_adapted)[:, :n_fixed])  # fixed part untouched
+    np.testing.assert_allclose(m[n_fixed:, n_fixed:], a_true, atol=1e-6)
+    np.testing.assert_allclose(m[n_fixed - 1, n_fixed:], b_true, atol=1e-6)
+    np.testing.assert_allclose(m[: n_fixed - 1, n_fixed:], 0.0, atol=0)
+    np.testing.assert_allclose(old @ m, new, atol=1e-6)
