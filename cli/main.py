@@ -345,6 +345,78 @@ def bench_cl(
         out.print(f"{len(paths)} plots in {plot}")
 
 
+@bench_app.command("latency")
+@user_errors
+def bench_latency(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+    batch: list[int] = typer.Option([1, 8], help="Batch sizes to measure (repeat the option)."),
+    repeats: int = typer.Option(50, min=5, help="Timed calls per batch size."),
+    provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+    threads: int = typer.Option(0, help="Threads per session and for PyTorch (0: library default)."),
+    out_file: Path = typer.Option(Path("bench-latency.json"), "--out", help="Where the JSON result goes."),
+):
+    """Per-stage latency of the runtime (p50/p95/p99), ONNX Runtime vs PyTorch eager, swap time."""
+    import time
+
+    import numpy as np
+
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.latency import measure_predict, measure_swap, percentiles
+    from mmcl_edge.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    sc = ws.scenario()
+    rt = Runtime(ws.root, providers=provider, threads=threads)
+    result = {"workspace": str(ws.root), "providers": rt.providers, "backbones": rt.backbones.backends,
+              "pack_kb": sum(f.stat().st_size for f in rt.pack.folder.iterdir()) // 1024, "batches": {}}
+    torch_ok = True
+    try:
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+        src = ws.tap_source()
+        model = ws.load_model(rt.pack.manifest["task"]).eval()
+    except ImportError:
+        torch_ok = False
+    from mmcl_edge.preprocess import preprocess_batch
+
+    for b in batch:
+        inputs = {m: [sc.test.samples[m][i % len(sc.test.y)] for i in range(b)] for m in sc.specs}
+        entry = measure_predict(rt, inputs, repeats)
+        if torch_ok:  # the same stages in PyTorch eager, same inputs, same process
+            pre = {m: torch.from_numpy(preprocess_batch(inputs[m], sc.specs[m])) for m in sc.specs}
+            bb_ms, pack_ms = [], []
+            with torch.inference_mode():
+                for i in range(repeats + 5):
+                    t0 = time.perf_counter()
+                    taps = {m: list(src.backbones[m](x)) for m, x in pre.items()}
+                    t1 = time.perf_counter()
+                    model(taps)
+                    t2 = time.perf_counter()
+                    if i >= 5:
+                        bb_ms.append(1e3 * (t1 - t0))
+                        pack_ms.append(1e3 * (t2 - t1))
+            entry["pytorch_eager_ms"] = {"backbone": percentiles(bb_ms), "pack": percentiles(pack_ms)}
+        result["batches"][str(b)] = entry
+    packs = sorted((ws.root / "packs").glob("v[0-9]*"))
+    result["swap_ms"] = measure_swap(rt, packs[-2:] or packs)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Latency (ms) — {', '.join(sorted(set(rt.backbones.backends.values())))}")
+    for c in ("batch", "stage", "p50", "p95", "p99", "PyTorch eager p50", "speed-up"):
+        t.add_column(c, justify="right")
+    for b, e in result["batches"].items():
+        for stage, p in e["stages_ms"].items():
+            eager = (e.get("pytorch_eager_ms") or {}).get(stage)
+            t.add_row(b, stage, f"{p['p50']:.2f}", f"{p['p95']:.2f}", f"{p['p99']:.2f}",
+                      f"{eager['p50']:.2f}" if eager else "–", f"{eager['p50'] / p['p50']:.2f}x" if eager else "–")
+        st = e["stages_ms"]
+        t.add_row(b, "adapters / backbone", f"{st['pack']['p50'] / st['backbone']['p50']:.1%}", "", "", "", "")
+        t.add_row(b, "throughput (samples/s)", f"{e['throughput_samples_per_s']:.0f}", "", "", "", "")
+    out.print(t)
+    out.print(f"pack size {result['pack_kb']} KB; swap (validate + warm + swap) p50 {result['swap_ms']['p50']:.0f} ms")
+    out.print(f"results: {out_file}")
+
+
 @data_app.command("download-fsdd")
 @user_errors
 def download_fsdd(to: Path = typer.Option(..., help="Folder to put FSDD's recordings/ into.")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -31,12 +32,18 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dynamic = (dynamic,)  # torch.export nests the specs of a ``*args`` parameter
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in quiet]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        for lg in quiet:  # the exporter's progress and "torchvision not installed" notes are noise here
+            lg.setLevel(logging.ERROR)
         program = torch.onnx.export(module.eval(), example, dynamic_shapes=dynamic, input_names=input_names,
                                     output_names=output_names, opset_version=OPSET, dynamo=True,
                                     optimize=True, verbose=False)
         program.save(str(tmp), external_data=False)
+    for lg, level in zip(quiet, levels):
+        lg.setLevel(level)
     model = onnx.load(str(tmp))
     onnx.checker.check_model(model, full_check=True)
     tmp.replace(path)

@@ -49,6 +49,10 @@ class StreamingRidgeHead(nn.Module):
 
     @torch.no_grad()
     def solve(self) -> None:
+        # The sums are stored as float32 (half the size); rounding them here too makes a run that
+        # continues from a saved state bit-identical to one that never stopped.
+        self.gram.copy_(self.gram.float().double())
+        self.class_sums.copy_(self.class_sums.float().double())
         d = self.gram.shape[0]
         lam = self.ridge * torch.trace(self.gram) / d
         w = torch.linalg.solve(self.gram + lam * torch.eye(d, dtype=self.gram.dtype), self.class_sums)

@@ -32,3 +32,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_workspace(root: Path, scenario: str, data_dir: Path | None = None, epochs: int = 3, learn: bool = True,
+                   seed: int = 0):
+    """A real workspace: learned task by task, with exported backbones and one pack per task."""
+    from mmcl_edge.config import LearnConfig
+    from mmcl_edge.workspace import Workspace
+
+    source = {"scenario": scenario, "data_dir": str(data_dir) if data_dir else None, "seed": seed}
+    ws = Workspace.create(root, source, LearnConfig().override({"train.epochs": epochs}))
+    if learn:
+        ws.learn()
+    return ws
+
+
+@pytest.fixture(scope="session")
+def synthetic_ws(tmp_path_factory):
+    """Three class-IL tasks on two vector modalities: packs v0000..v0002 (seconds to build)."""
+    return make_workspace(tmp_path_factory.mktemp("synthetic") / "ws", "synthetic-cil")
+
+
+@pytest.fixture(scope="session")
+def avdigits_ws(tmp_path_factory, fsdd_dir):
+    """AV-Digits class-IL, all five tasks, EfficientNet-Lite0 backbones (about a minute on 2 cores)."""
+    return make_workspace(tmp_path_factory.mktemp("avdigits") / "ws", "avdigits-cil", fsdd_dir)

@@ -27,10 +27,17 @@ class AdapterLearner(Learner):
     def __init__(self, config: LearnConfig, modality_taps, setting: str, n_classes: int, model: MMCLModel | None = None):
         self.cfg = config
         self.setting = setting
-        self.model = model or MMCLModel(modality_taps, config.encoder, setting, n_classes=n_classes,
-                                        head_mode=config.head, ridge=config.ridge)
+        self.model = model or self.new_model(modality_taps, setting, n_classes)
         self.old: MMCLModel | None = None
         self.frozen_log: list[list[list[int]]] = []
+
+    def new_model(self, modality_taps, setting: str, n_classes: int) -> MMCLModel:
+        """A freshly initialised model; seeded, so it does not depend on what the process did before."""
+        cfg = self.cfg
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.train.seed)
+            return MMCLModel(modality_taps, cfg.encoder, setting, n_classes=n_classes, head_mode=cfg.head,
+                             ridge=cfg.ridge)
 
     # hooks for baselines -------------------------------------------------------------------
     def extra_loss(self, model: MMCLModel) -> torch.Tensor | None:

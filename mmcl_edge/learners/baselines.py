@@ -122,8 +122,7 @@ class JointLearner(AdapterLearner):
     def learn_task(self, task_index: int, data: TaskData, n_seen: int) -> dict:
         self.seen.append(data)
         modality_taps, setting, n_classes = self.args
-        self.model = MMCLModel(modality_taps, self.cfg.encoder, setting, n_classes=n_classes,
-                               head_mode=self.cfg.head, ridge=self.cfg.ridge)
+        self.model = self.new_model(modality_taps, setting, n_classes)
         self.old = None
         return super().learn_task(task_index, TaskData.concat(self.seen), n_seen)
 

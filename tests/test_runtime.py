@@ -1,0 +1,218 @@
+"""The torch-free runtime: pack validation, thread-safe hot-swap, and no torch in the process."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmcl_edge.runtime import InputError, PackRejected, Runtime
+from mmcl_edge.runtime.pack import pack_digest
+
+
+def packs_of(ws) -> list[Path]:
+    return sorted((ws.root / "packs").glob("v[0-9]*"))
+
+
+def test_inputs(synthetic_ws):
+    return {m: np.stack(synthetic_ws.scenario().test.samples[m][:8]) for m in synthetic_ws.scenario().specs}
+
+
+def bad_pack(src: Path, dst: Path, kind: str) -> Path:
+    """A copy of a good pack, spoiled in one way."""
+    shutil.copytree(src, dst)
+    manifest_path = dst / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if kind == "corrupt-manifest":
+        manifest_path.write_text("{ this is not json")
+    elif kind == "other-backbones":
+        manifest["backbones"] = {m: "0123456789abcdef" for m in manifest["backbones"]}
+        manifest["sha256"] = pack_digest(manifest)  # internally consistent: only the backbones differ
+        manifest_path.write_text(json.dumps(manifest))
+    elif kind == "truncated-onnx":
+        data = (dst / "pack.onnx").read_bytes()
+        (dst / "pack.onnx").write_bytes(data[: len(data) // 2])
+    elif kind == "truncated-onnx-rehashed":  # hashes recomputed: only onnxruntime can notice
+        from mmcl_edge.runtime.pack import sha256_file
+
+        data = (dst / "pack.onnx").read_bytes()
+        (dst / "pack.onnx").write_bytes(data[: len(data) // 2])
+        manifest["files"]["pack.onnx"] = sha256_file(dst / "pack.onnx")
+        manifest["sha256"] = pack_digest(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    elif kind == "missing-field":
+        del manifest["classes"]
+        manifest_path.write_text(json.dumps(manifest))
+    elif kind == "edited-manifest":
+        manifest["label_names"] = list(reversed(manifest["label_names"]))
+        manifest_path.write_text(json.dumps(manifest))
+    elif kind == "wrong-inputs":
+        manifest["inputs"] = manifest["inputs"][:1]
+        manifest["sha256"] = pack_digest(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        raise ValueError(kind)
+    return dst
+
+
+BAD_KINDS = ["corrupt-manifest", "other-backbones", "truncated-onnx", "truncated-onnx-rehashed", "missing-field",
+             "edited-manifest", "wrong-inputs"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_pack_is_rejected_and_old_pack_keeps_serving(synthetic_ws, tmp_path, kind):
+    rt = Runtime(synthetic_ws.root, providers="cpu")
+    serving = rt.pack.version
+    before = rt.predict(test_inputs(synthetic_ws))
+    spoiled = bad_pack(packs_of(synthetic_ws)[0], tmp_path / kind, kind)
+    with pytest.raises(PackRejected):
+        rt.swap(spoiled)
+    assert rt.pack.version == serving
+    assert rt.rejections and rt.rejections[-1].pack == str(spoiled)
+    after = rt.predict(test_inputs(synthetic_ws))
+    np.testing.assert_array_equal(before.probabilities, after.probabilities)
+
+
+def test_pack_with_non_finite_outputs_is_rejected(synthetic_ws, tmp_path):
+    """A manifest-consistent pack whose weights are NaN fails the warm-up inference."""
+    import torch
+
+    from mmcl_edge.export.pack_export import export_pack
+
+    ws = synthetic_ws
+    model = ws.load_model(0)
+    with torch.no_grad():
+        model.analytic.weight.fill_(float("nan"))
+    good = json.loads((packs_of(ws)[0] / "manifest.json").read_text())
+    export_pack(model, tmp_path / "nan", version=99, task=0, classes=good["classes"], label_names=good["label_names"],
+                setting=good["setting"], preprocess=good["preprocess"], backbones=good["backbones"])
+    rt = Runtime(ws.root, providers="cpu")
+    with pytest.raises(PackRejected, match="non-finite"):
+        rt.swap(tmp_path / "nan")
+
+
+def test_predict_single_sample_and_batch(synthetic_ws):
+    rt = Runtime(synthetic_ws.root, providers="cpu")
+    batch = test_inputs(synthetic_ws)
+    many = rt.predict(batch)
+    one = rt.predict({m: x[3] for m, x in batch.items()})
+    assert len(many.labels) == 8 and len(one.labels) == 1
+    assert one.labels[0] == many.labels[3]
+    np.testing.assert_allclose(one.probabilities[0], many.probabilities[3], atol=1e-5)
+    assert set(many.timings_ms) == {"preprocess", "backbone", "pack", "total"}
+    assert np.allclose(many.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert many.labels == [rt.pack.label_names[i] for i in many.indices]
+
+
+def test_predict_rejects_bad_inputs_in_plain_words(synthetic_ws):
+    rt = Runtime(synthetic_ws.root, providers="cpu")
+    batch = test_inputs(synthetic_ws)
+    first = next(iter(batch))
+    with pytest.raises(InputError, match="missing"):
+        rt.predict({first: batch[first]})
+    with pytest.raises(InputError, match="unknown"):
+        rt.predict({**batch, "lidar": batch[first]})
+    with pytest.raises(InputError, match="same"):
+        rt.predict({m: (x[:3] if m == first else x) for m, x in batch.items()})
+
+
+def test_concurrent_predictions_during_repeated_swaps(synthetic_ws, tmp_path):
+    """Predict threads run while good and bad packs are swapped in over and over: no request fails,
+    each response equals what exactly one pack gives, and a rejection never stops the good pack."""
+    ws = synthetic_ws
+    good = packs_of(ws)
+    bad = [bad_pack(good[-1], tmp_path / k, k) for k in ("corrupt-manifest", "other-backbones", "truncated-onnx")]
+    inputs = test_inputs(ws)
+    expected = {}
+    for p in good:  # what each pack alone answers
+        ref = Runtime(ws.root, providers="cpu", pack=p)
+        expected[ref.pack.version] = ref.predict(inputs).probabilities
+    rt = Runtime(ws.root, providers="cpu", pack=good[0])
+    stop = threading.Event()
+    responses, failures = [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = rt.predict(inputs)
+                responses.append((r.pack_version, r.probabilities))
+            except Exception as exc:  # any failure is a test failure
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    swaps, rejections = 0, 0
+    deadline = time.monotonic() + 6.0
+    i = 0
+    while time.monotonic() < deadline:
+        target = good[i % len(good)]
+        rt.swap(target)
+        swaps += 1
+        spoiled = bad[i % len(bad)]
+        with pytest.raises(PackRejected):
+            rt.swap(spoiled)
+        rejections += 1
+        assert rt.pack.folder == target  # the good pack still serves after the rejection
+        i += 1
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert swaps >= 6 and rejections >= 6
+    assert len(responses) > 50
+    served = set()
+    for version, probs in responses:
+        assert version in expected
+        np.testing.assert_allclose(probs, expected[version], atol=1e-5)
+        served.add(version)
+    assert len(served) >= 2  # responses really came from several packs
+
+
+TORCH_FREE_SCRIPT = r"""
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this process")
+sys.meta_path.insert(0, NoTorch())
+import json, numpy as np
+from mmcl_edge.runtime import Runtime
+ws, inputs_file, other = sys.argv[1], sys.argv[2], sys.argv[3]
+with np.load(inputs_file) as z:
+    inputs = {k: z[k] for k in z.files}
+rt = Runtime(ws)
+rt.start_watcher(0.05)
+first = rt.predict(inputs)
+rt.swap(other)
+second = rt.predict(inputs)
+rt.stop()
+assert "torch" not in sys.modules
+print(json.dumps({"first": first.pack_version, "second": second.pack_version, "labels": second.labels}))
+"""
+
+
+def test_runtime_runs_with_torch_unimportable(synthetic_ws, tmp_path):
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **test_inputs(synthetic_ws))
+    first_pack = packs_of(synthetic_ws)[0]
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(synthetic_ws.root), str(inputs), str(first_pack)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    current = int((synthetic_ws.root / "current").read_text().strip()[1:])
+    assert out["first"] == current and out["second"] == 0
+    assert len(out["labels"]) == 8
+
+
+def test_runtime_package_has_no_torch_import():
+    runtime_dir = Path(__file__).resolve().parents[1] / "runtime"
+    for path in runtime_dir.glob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path
