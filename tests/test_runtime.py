@@ -20,7 +20,7 @@ def packs_of(ws) -> list[Path]:
     return sorted((ws.root / "packs").glob("v[0-9]*"))
 
 
-def test_inputs(synthetic_ws):
+def sample_inputs(synthetic_ws):
     return {m: np.stack(synthetic_ws.scenario().test.samples[m][:8]) for m in synthetic_ws.scenario().specs}
 
 
@@ -69,13 +69,13 @@ BAD_KINDS = ["corrupt-manifest", "other-backbones", "truncated-onnx", "truncated
 def test_bad_pack_is_rejected_and_old_pack_keeps_serving(synthetic_ws, tmp_path, kind):
     rt = Runtime(synthetic_ws.root, providers="cpu")
     serving = rt.pack.version
-    before = rt.predict(test_inputs(synthetic_ws))
+    before = rt.predict(sample_inputs(synthetic_ws))
     spoiled = bad_pack(packs_of(synthetic_ws)[0], tmp_path / kind, kind)
     with pytest.raises(PackRejected):
         rt.swap(spoiled)
     assert rt.pack.version == serving
     assert rt.rejections and rt.rejections[-1].pack == str(spoiled)
-    after = rt.predict(test_inputs(synthetic_ws))
+    after = rt.predict(sample_inputs(synthetic_ws))
     np.testing.assert_array_equal(before.probabilities, after.probabilities)
 
 
@@ -99,7 +99,7 @@ def test_pack_with_non_finite_outputs_is_rejected(synthetic_ws, tmp_path):
 
 def test_predict_single_sample_and_batch(synthetic_ws):
     rt = Runtime(synthetic_ws.root, providers="cpu")
-    batch = test_inputs(synthetic_ws)
+    batch = sample_inputs(synthetic_ws)
     many = rt.predict(batch)
     one = rt.predict({m: x[3] for m, x in batch.items()})
     assert len(many.labels) == 8 and len(one.labels) == 1
@@ -112,7 +112,7 @@ def test_predict_single_sample_and_batch(synthetic_ws):
 
 def test_predict_rejects_bad_inputs_in_plain_words(synthetic_ws):
     rt = Runtime(synthetic_ws.root, providers="cpu")
-    batch = test_inputs(synthetic_ws)
+    batch = sample_inputs(synthetic_ws)
     first = next(iter(batch))
     with pytest.raises(InputError, match="missing"):
         rt.predict({first: batch[first]})
@@ -128,7 +128,7 @@ def test_concurrent_predictions_during_repeated_swaps(synthetic_ws, tmp_path):
     ws = synthetic_ws
     good = packs_of(ws)
     bad = [bad_pack(good[-1], tmp_path / k, k) for k in ("corrupt-manifest", "other-backbones", "truncated-onnx")]
-    inputs = test_inputs(ws)
+    inputs = sample_inputs(ws)
     expected = {}
     for p in good:  # what each pack alone answers
         ref = Runtime(ws.root, providers="cpu", pack=p)
@@ -200,7 +200,7 @@ print(json.dumps({"first": first.pack_version, "second": second.pack_version, "l
 
 def test_runtime_runs_with_torch_unimportable(synthetic_ws, tmp_path):
     inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, **test_inputs(synthetic_ws))
+    np.savez(inputs, **sample_inputs(synthetic_ws))
     first_pack = packs_of(synthetic_ws)[0]
     proc = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(synthetic_ws.root), str(inputs), str(first_pack)],
                           capture_output=True, text=True, timeout=120)

@@ -186,7 +186,7 @@ class RidgeLearner(FrozenFeatureLearner):
         start = time.perf_counter()
         f = self._project(self.features(data))
         if self.head is None:
-            self.head = StreamingRidgeHead(f.shape[1], self.n_classes, self.cfg.ridge)
+            self.head = StreamingRidgeHead(f.shape[1], self.n_classes, self.cfg.baselines.ridge)
         self.head.update(f, torch.from_numpy(data.y).long())
         self.head.solve()
         return {"train_seconds": time.perf_counter() - start}
