@@ -288,14 +288,13 @@ def bench_cl(
                                                 "(for choosing hyper-parameters), not on the test split."),
     epochs: Optional[int] = typer.Option(None, help="Adapter training epochs per task (all trainable methods)."),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. baselines.ewc_lambda=100."),
+    workers: int = typer.Option(0, help="Runs in parallel, one torch thread each (0: min(2, CPU cores))."),
 ):
     """Continual-learning benchmark: the method, its ablations and the baselines, side by side."""
-    from mmcl_edge.benchmark import run_cl_benchmark
+    from mmcl_edge.benchmark import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
-    from mmcl_edge.data import load_scenario
-    from mmcl_edge.data.dataset import validation_scenario
-    from mmcl_edge.learners import ABLATIONS, BASELINE_NAMES, method_names
+    from mmcl_edge.learners import BASELINE_NAMES, method_names
 
     overrides = parse_overrides(set_)
     if epochs is not None:
@@ -304,13 +303,10 @@ def bench_cl(
     if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
         data_dir = Path(os.environ["MMCL_EDGE_DATA"])
 
-    def load(seed: int):
-        sc = load_scenario(None if data else scenario, data=str(data) if data else None,
-                           data_dir=str(data_dir) if data_dir else None, setting=setting,
-                           classes_per_task=classes_per_task, seed=seed)
-        return validation_scenario(sc, seed=seed) if validation else sc
-
-    first = load(0)
+    spec = ScenarioSpec(None if data else scenario, str(data.expanduser().resolve()) if data else None,
+                        str(data_dir.expanduser().resolve()) if data_dir else None, setting, classes_per_task,
+                        validation)
+    first = spec.load(0)
     known = method_names(first.modalities)
     groups = {"all": known, "baselines": list(BASELINE_NAMES),
               "ablations": [m for m in known if m.startswith("mmcl")]}
@@ -325,7 +321,7 @@ def bench_cl(
         err.print(f"  {name:22s} seed {seed}: final {_pct(rep['final_average_accuracy'])}%  "
                   f"forgetting {_pct(rep['forgetting'])}  learn {rep['learn_seconds']:.1f}s")
 
-    result = run_cl_benchmark(load, chosen, seeds, config, cache, progress_bar, on_result)
+    result = run_cl_benchmark(spec, chosen, seeds, config, cache, progress_bar, on_result, workers)
     result["validation"] = validation
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))

@@ -57,7 +57,7 @@ class TrainConfig:
 class BaselineConfig:
     """Knobs of the baselines (chosen on a validation split; see benchmarks/README.md)."""
 
-    ewc_lambda: float = 1e6       # EWC: weight of the Fisher penalty
+    ewc_lambda: float = 1e4       # EWC: weight of the Fisher penalty
     buffer_size: int = 200        # ER: cached-tap samples kept (class-balanced)
     random_projection: int = 0    # ridge: width of the fixed random ReLU projection (0 = none)
     ridge: float = 1e-3           # ridge: regularisation, relative to the mean feature energy

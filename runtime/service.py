@@ -8,6 +8,7 @@ lock. onnxruntime sessions are safe to call from several threads at once.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,19 @@ class Runtime:
         with self._lock:
             self._pack = new
         return new
+
+    def swap_in_background(self, pack: str | Path) -> Future:
+        """``swap`` on a background thread; the Future holds the new Pack or the PackRejected."""
+        future: Future = Future()
+
+        def work():
+            try:
+                future.set_result(self.swap(pack))
+            except BaseException as exc:  # handed to the caller through the Future
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="mmcl-pack-swap", daemon=True).start()
+        return future
 
     def start_watcher(self, poll_seconds: float = 0.5) -> None:
         """Follow ``WS/current`` in a background thread and swap to each new pack it names."""

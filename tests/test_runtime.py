@@ -216,3 +216,14 @@ def test_runtime_package_has_no_torch_import():
     for path in runtime_dir.glob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
+
+
+def test_swap_in_background_returns_future(synthetic_ws, tmp_path):
+    rt = Runtime(synthetic_ws.root, providers="cpu")
+    first = packs_of(synthetic_ws)[0]
+    assert rt.swap_in_background(first).result(timeout=60).version == 0
+    assert rt.pack.version == 0
+    spoiled = bad_pack(first, tmp_path / "bad", "truncated-onnx")
+    with pytest.raises(PackRejected):
+        rt.swap_in_background(spoiled).result(timeout=60)
+    assert rt.pack.version == 0

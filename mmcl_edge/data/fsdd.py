@@ -68,8 +68,12 @@ def download_fsdd(dest: str | os.PathLike) -> Path:
     dest = Path(dest).expanduser()
     target = dest / "recordings"
     target.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(FSDD_ARCHIVE, timeout=120) as resp:
-        archive = zipfile.ZipFile(io.BytesIO(resp.read()))
+    try:
+        with urllib.request.urlopen(FSDD_ARCHIVE, timeout=120) as resp:
+            archive = zipfile.ZipFile(io.BytesIO(resp.read()))
+    except (OSError, zipfile.BadZipFile) as exc:  # URLError is an OSError
+        raise DataFormatError(f"could not download FSDD from {FSDD_ARCHIVE}: {exc}. Download it by hand and "
+                              "point --data-dir or MMCL_EDGE_DATA at its recordings/ folder") from None
     for member in archive.namelist():
         name = member.rsplit("/", 1)[-1]
         if "/recordings/" in member and _NAME.match(name):
