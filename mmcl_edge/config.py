@@ -73,6 +73,7 @@ class LearnConfig:
     head: str = "analytic"        # "linear": the paper's trained head; "analytic": streaming ridge head
     ridge: float = 1e-2           # analytic head: ridge strength relative to the mean feature energy
     drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift
+    fused_weight: float = 2.0     # analytic head: scale of the adapted embedding beside the frozen taps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

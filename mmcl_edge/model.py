@@ -17,10 +17,13 @@ from mmcl_edge.heads import FixedHead, GrowingHead
 class MMCLModel(nn.Module):
     def __init__(self, modality_taps: dict[str, tuple[TapSpec, ...]], cfg: EncoderConfig, setting: str,
                  n_classes: int = 0, head_blocks: list[int] | None = None, head_mode: str = "linear",
-                 ridge: float = 1e-2):
+                 ridge: float = 1e-2, fused_weight: float = 2.0):
         super().__init__()
         self.setting, self.head_mode, self.n_classes, self.ridge = setting, head_mode, n_classes, ridge
-        self.fused_scale = 1.0 / float(cfg.width) ** 0.5 * 2.0
+        # the fused embedding (LayerNorm'd, norm ~sqrt(width)) scaled to norm ~fused_weight, beside
+        # frozen taps of norm 1 each: how much the ridge head leans on the adapted features
+        self.fused_weight = fused_weight
+        self.fused_scale = fused_weight / float(cfg.width) ** 0.5
         self.encoder = MMEncoder(modality_taps, cfg)
         if setting == "domain-il":
             self.head = FixedHead(cfg.width, n_classes)
@@ -66,6 +69,7 @@ class MMCLModel(nn.Module):
             "head_mode": self.head_mode,
             "n_classes": self.n_classes,
             "ridge": self.ridge,
+            "fused_weight": self.fused_weight,
             "encoder": vars(self.encoder.cfg),
             "modality_taps": {m: [vars(t) for t in taps] for m, taps in self.encoder.modality_taps.items()},
             "head_blocks": self.head.block_sizes(),
@@ -77,7 +81,8 @@ class MMCLModel(nn.Module):
         taps = {m: tuple(TapSpec(**t) for t in ts) for m, ts in d["modality_taps"].items()}
         blocks = d["head_blocks"]
         model = cls(taps, EncoderConfig(**d["encoder"]), d["setting"], n_classes=d.get("n_classes", sum(blocks)),
-                    head_blocks=blocks, head_mode=d.get("head_mode", "linear"), ridge=d.get("ridge", 1e-2))
+                    head_blocks=blocks, head_mode=d.get("head_mode", "linear"), ridge=d.get("ridge", 1e-2),
+                    fused_weight=d.get("fused_weight", 2.0))
         return model
 
     def save(self, weights: Path, meta: Path, extra: dict | None = None) -> None:

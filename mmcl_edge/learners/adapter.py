@@ -37,7 +37,7 @@ class AdapterLearner(Learner):
         with torch.random.fork_rng():
             torch.manual_seed(cfg.train.seed)
             return MMCLModel(modality_taps, cfg.encoder, setting, n_classes=n_classes, head_mode=cfg.head,
-                             ridge=cfg.ridge)
+                             ridge=cfg.ridge, fused_weight=cfg.fused_weight)
 
     # hooks for baselines -------------------------------------------------------------------
     def extra_loss(self, model: MMCLModel) -> torch.Tensor | None:
