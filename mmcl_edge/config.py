@@ -29,7 +29,7 @@ class LossConfig:
     temperature: float = 2.0
     align: float = 0.1            # relaxed cross-modal representation alignment
     align_temperature: float = 0.2
-    preserve: float = 1.0         # relational knowledge preservation (batch similarity matrices)
+    preserve: float = 5.0         # relational knowledge preservation (batch similarity matrices)
     balance: float = 0.01         # router load balancing, keeps experts in use so freezing has choice
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0              # torch CPU threads; 0 = torch's default
+    later_lr_scale: float = 0.1   # learning-rate factor for tasks after the first ("slow learner")
 
 
 @dataclass

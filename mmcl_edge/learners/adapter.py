@@ -61,9 +61,11 @@ class AdapterLearner(Learner):
         train = self.training_data(data)
         before = self._features(data) if model.analytic is not None and not model.analytic.empty else None
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # a previous model exists: adapt slowly, so old classes' features drift little (SLCA's slow learner)
+        lr = cfg.train.lr * (cfg.train.later_lr_scale if self.old is not None else 1.0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
         steps_per_epoch = max(1, int(np.ceil(len(train) / cfg.train.batch_size)))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.train.epochs * steps_per_epoch,
                                                     pct_start=0.1)
         gen = torch.Generator().manual_seed(seed)
         y_all = torch.from_numpy(train.y).long()

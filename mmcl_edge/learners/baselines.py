@@ -16,7 +16,7 @@ from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.model import MMCLModel
 
 PLAIN_TRAINING = {"loss.distill": 0.0, "loss.preserve": 0.0, "loss.align": 0.0, "freeze.enabled": False,
-                  "head": "linear"}
+                  "head": "linear", "train.later_lr_scale": 1.0}
 
 
 class FinetuneLearner(AdapterLearner):
