@@ -337,7 +337,10 @@ def bench_cl(
     if plot:
         from mmcl_edge.plots import write_plots
 
-        paths = write_plots(result, plot)
+        try:
+            paths = write_plots(result, plot)
+        except ImportError:
+            raise KeyError("--plot needs matplotlib: pip install 'mmcl-edge[plots]' (the JSON is written)") from None
         out.print(f"{len(paths)} plots in {plot}")
 
 
