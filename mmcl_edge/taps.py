@@ -7,6 +7,7 @@ then reads taps from the cache and trains only the adapters: no backbone in the 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mmcl_edge.backbones import TappedBackbone, create_backbone
+from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
 from mmcl_edge.preprocess import PreprocessSpec, preprocess_batch
 
 DEFAULT_BACKBONES = {"image": "efficientnet-lite0", "audio": "efficientnet-lite0",
@@ -27,8 +28,9 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = N
     name = name or spec.options.get("backbone") or DEFAULT_BACKBONES[spec.kind]
     if name == "identity":
         return create_backbone(name, dim=int(np.asarray(example).size))
-    if name == "efficientnet-lite0":
-        return create_backbone(name, image_size=spec.image_size)
+    factory = BACKBONES.get(name)
+    if factory is not None and "image_size" in inspect.signature(factory).parameters:
+        return create_backbone(name, image_size=spec.image_size)  # backbones that take the input size
     return create_backbone(name)
 
 

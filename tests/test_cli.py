@@ -139,3 +139,55 @@ def test_bench_latency_prints_a_table_and_writes_json(synthetic_ws, tmp_path):
         assert "pytorch_eager_ms" in entry and entry["throughput_samples_per_s"] > 0
     assert data["swap_ms"]["p50"] > 0
     assert "Latency (ms)" in r.output and "swap" in r.output
+
+
+def test_users_own_backbone_learns_exports_and_serves(tmp_path):
+    """A user's torch module, declaring its taps and registered by name, goes through learn, export and the runtime."""
+    import torch
+    from torch import nn
+
+    from mmcl_edge.backbones import TapSpec, TappedBackbone, register_backbone
+    from mmcl_edge.config import LearnConfig
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.workspace import Workspace
+
+    class TwoScaleNet(TappedBackbone):
+        name = "two-scale-test-net"
+
+        def __init__(self, image_size: int = 16):
+            super().__init__()
+            self.input_shape = (3, image_size, image_size)
+            torch.manual_seed(3)
+            self.a = nn.Conv2d(3, 6, 3, 2, 1)
+            self.b = nn.Conv2d(6, 12, 3, 2, 1)
+            self.taps = (TapSpec("a", 4, 6), TapSpec("b", 1, 12))
+            self.freeze()
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            b = torch.relu(self.b(a))
+            return (nn.functional.adaptive_avg_pool2d(a, 2).flatten(2).transpose(1, 2),
+                    b.mean(dim=(2, 3)).unsqueeze(1))
+
+    register_backbone(TwoScaleNet.name, TwoScaleNet)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 30), ("test", 10)):
+        y = np.repeat(np.arange(4), n)
+        img = rng.normal(0, 0.2, (len(y), 12, 12)).astype(np.float32)
+        for i, c in enumerate(y):  # a bright quadrant per class
+            img[i, (c // 2) * 6:(c // 2) * 6 + 6, (c % 2) * 6:(c % 2) * 6 + 6] += 1.0
+        vec = (np.eye(4)[y] + rng.normal(0, 0.5, (len(y), 4))).astype(np.float32)
+        np.savez(data / f"{split}.npz", x_cam=img, x_vec=vec, y=y)
+    (data / "modalities.json").write_text(json.dumps({
+        "cam": {"kind": "image", "image_size": 16, "backbone": TwoScaleNet.name}, "vec": {"kind": "vector"}}))
+    ws = Workspace.create(tmp_path / "ws", {"data": str(data), "setting": "class-il", "classes_per_task": 2},
+                          LearnConfig().override({"train.epochs": 5}))
+    report = ws.learn()
+    assert report["final_average_accuracy"] > 0.5
+    index = json.loads((ws.root / "backbones" / "backbones.json").read_text())["modalities"]
+    assert index["cam"]["name"] == TwoScaleNet.name and index["cam"]["input_shape"] == [3, 16, 16]
+    with np.load(data / "test.npz") as z:
+        pred = Runtime(ws.root, providers="cpu").predict({"cam": z["x_cam"], "vec": z["x_vec"]})
+        assert np.mean(np.array(pred.labels, dtype=int) == z["y"]) > 0.5
