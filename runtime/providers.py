@@ -42,4 +42,7 @@ def session(path, providers: list[str], threads: int = 0) -> ort.InferenceSessio
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # Idle onnxruntime threads spin-wait by default; on a small edge CPU they then steal the cores
+    # that numpy preprocessing and the other session (backbone vs pack) need between runs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
