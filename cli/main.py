@@ -357,8 +357,6 @@ def bench_latency(
     """Per-stage latency of the runtime (p50/p95/p99), ONNX Runtime vs PyTorch eager, swap time."""
     import time
 
-    import numpy as np
-
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.latency import measure_predict, measure_swap, percentiles
     from mmcl_edge.workspace import Workspace

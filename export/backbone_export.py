@@ -58,10 +58,15 @@ def ensure_backbones(folder: Path, backbones: dict[str, TappedBackbone], specs: 
         changed = True
     if changed:
         index["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        tmp = folder / f".{INDEX_FILE}.tmp"
-        tmp.write_text(json.dumps(index, indent=2))
-        tmp.replace(folder / INDEX_FILE)
+        write_index(folder, index)
     return index
+
+
+def write_index(folder: Path, index: dict) -> None:
+    """Replace ``backbones.json`` atomically: readers see the old index or the new one."""
+    tmp = Path(folder) / f".{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(Path(folder) / INDEX_FILE)
 
 
 def verify_index(folder: Path) -> list[str]:

@@ -1,7 +1,6 @@
 """Optional TensorRT engine build from an exported backbone ONNX (FP16 where the GPU supports it)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mmcl_edge.runtime.tensorrt_backend import tensorrt_available
@@ -45,13 +44,12 @@ def build_engine(onnx_path: Path, engine_path: Path, input_shape: list[int], fp1
 
 def build_engines(folder: Path, fp16: bool = True, log=print) -> dict:
     """Build an engine per exported backbone and record it in ``backbones.json``."""
-    from mmcl_edge.export.backbone_export import INDEX_FILE, read_index
+    from mmcl_edge.export.backbone_export import read_index, write_index
 
     folder = Path(folder)
     index = read_index(folder)
     for m, e in index["modalities"].items():
         log(f"building a TensorRT engine for the {m} backbone ...")
         e["tensorrt"] = build_engine(folder / e["file"], folder / f"{m}.engine", e["input_shape"], fp16)
-    (folder / f".{INDEX_FILE}.tmp").write_text(json.dumps(index, indent=2))
-    (folder / f".{INDEX_FILE}.tmp").replace(folder / INDEX_FILE)
+    write_index(folder, index)
     return index

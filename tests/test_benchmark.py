@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mmcl_edge.benchmark import run_cl_benchmark
 from mmcl_edge.cli.main import app
 from mmcl_edge.config import LearnConfig
 from mmcl_edge.data import load_scenario

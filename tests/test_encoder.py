@@ -63,23 +63,23 @@ def _gates_of_a(enc: MMEncoder, taps) -> list[torch.Tensor]:
     return [g[:, 0] for g in out.gates], [p[:, 0] for p in out.probs], out.per_modality[:, 0]
 
 
-def test_without_cross_modal_routing_other_modality_does_not_steer_gates():
-    enc = make_encoder(cross_modal_routing=False).eval()
+def _a_before_and_after_changing_b(cross_modal_routing: bool):
+    """Modality a's gates, probabilities and embedding, before and after only modality b changes."""
+    enc = make_encoder(cross_modal_routing=cross_modal_routing).eval()
     taps = random_taps(3)
     changed = {"a": taps["a"], "b": [t * 3.0 + 1.0 + torch.randn_like(t) for t in taps["b"]]}
-    g1, p1, z1 = _gates_of_a(enc, taps)
-    g2, p2, z2 = _gates_of_a(enc, changed)
+    return _gates_of_a(enc, taps), _gates_of_a(enc, changed)
+
+
+def test_without_cross_modal_routing_other_modality_does_not_steer_gates():
+    (g1, p1, z1), (g2, p2, z2) = _a_before_and_after_changing_b(False)
     for x, y in zip(g1 + p1, g2 + p2):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     torch.testing.assert_close(z1, z2, rtol=0, atol=1e-6)
 
 
 def test_with_cross_modal_routing_other_modality_steers_gates():
-    enc = make_encoder(cross_modal_routing=True).eval()
-    taps = random_taps(3)
-    changed = {"a": taps["a"], "b": [t * 3.0 + 1.0 + torch.randn_like(t) for t in taps["b"]]}
-    g1, p1, _ = _gates_of_a(enc, taps)
-    g2, p2, _ = _gates_of_a(enc, changed)
+    (g1, p1, _), (g2, p2, _) = _a_before_and_after_changing_b(True)
     assert (p1[0] - p2[0]).abs().max() > 1e-5          # already at the first depth
     assert max((x - y).abs().max() for x, y in zip(g1, g2)) > 1e-5
 

@@ -59,7 +59,8 @@ class AdapterLearner(Learner):
         n_old = model.head.num_outputs if self.setting == "class-il" else 0
         model.head.grow(n_seen - model.head.num_outputs)
         train = self.training_data(data)
-        before = self._features(data) if model.analytic is not None and not model.analytic.empty else None
+        before = (self._features(data) if model.analytic is not None and cfg.drift_compensation
+                  and not model.analytic.empty else None)
         params = [p for p in model.parameters() if p.requires_grad]
         # a previous model exists: adapt slowly, so old classes' features drift little (SLCA's slow learner)
         lr = cfg.train.lr * (cfg.train.later_lr_scale if self.old is not None else 1.0)
@@ -144,7 +145,7 @@ class AdapterLearner(Learner):
     def _update_analytic(self, data: TaskData, before: torch.Tensor | None) -> None:
         """Carry the old sums through the adapters' drift on this task, add this task, re-solve."""
         head, after = self.model.analytic, self._features(data)
-        if before is not None and self.cfg.drift_compensation:
+        if before is not None:
             head.transform(fit_drift_map(before, after, self.model.fixed_feature_dim()))
         head.update(after, torch.from_numpy(data.y).long())
         head.solve()

@@ -3,8 +3,6 @@ differs. Trainable baselines use the method's own adapters (same capacity) and i
 loop, switching loss terms off or adding one penalty; frozen-feature baselines train nothing."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
