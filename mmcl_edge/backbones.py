@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,6 +171,97 @@ def _lite0_weights() -> dict[str, torch.Tensor]:
     return out
 
 
+class VideoFrameBackbone(TappedBackbone):
+    """A clip ``[frames, 3, S, S]``: EfficientNet-Lite0 on every frame (one batch of B x frames images),
+    each frame's taps pooled over space, then over time into ``time_tokens`` segments.
+
+    The taps keep time: token ``i`` of a tap is the mean of frames in the ``i``-th segment of the
+    clip, so the adapters, which see every token, can learn motion (what changes between segments).
+    """
+
+    name = "efficientnet-lite0-video"
+
+    def __init__(self, image_size: int = 96, frames: int = 16, time_tokens: int = 4, pretrained: bool = True):
+        super().__init__()
+        self.frames, self.time_tokens = frames, min(time_tokens, frames)
+        self.frame_net = EfficientNetLite0(image_size, grid=1, pretrained=pretrained)
+        self.input_shape = (frames, 3, image_size, image_size)
+        self.taps = tuple(TapSpec(t.name, self.time_tokens, t.dim) for t in self.frame_net.taps)
+        self.freeze()
+
+    def forward(self, x: torch.Tensor):
+        b = x.shape[0]
+        per_frame = self.frame_net(x.reshape(b * self.frames, *x.shape[2:]))      # each [B*F, 1, D]
+        return tuple(F.adaptive_avg_pool1d(t.reshape(b, self.frames, -1).transpose(1, 2), self.time_tokens)
+                     .transpose(1, 2) for t in per_frame)
+
+
+class RandomConvSeriesEncoder(TappedBackbone):
+    """A fixed random-convolution encoder for multichannel series (ROCKET-style; nothing is trained).
+
+    ``kernels`` kernels of length 9, with zero-mean normal weights over a random subset of the
+    channels, a bias drawn from U(-1, 1) and dilations 1, 2, 4, ... up to a quarter of the series.
+    For each kernel and each of ``segments`` equal time segments it reports the proportion of
+    positive values (how often the pattern occurs) and the maximum (how strongly). The taps group
+    the kernels by dilation (short, mid, long patterns); tokens are the time segments, so the
+    adapters see when in the clip a pattern fires. Seeded: every device builds the same encoder,
+    and its identity (a hash of the weights) says so.
+    """
+
+    name = "rocket"
+
+    def __init__(self, channels: int, length: int = 128, kernels: int = 480, segments: int = 4, seed: int = 0):
+        super().__init__()
+        self.input_shape = (channels, length)
+        self.segments = segments if length % segments == 0 else 1
+        dilations = [2 ** i for i in range(int(np.log2(max(1, (length - 1) // 8))) + 1)]
+        groups = np.array_split(np.array(dilations), 3) if len(dilations) >= 3 else [np.array(dilations)] * 1
+        gen = torch.Generator().manual_seed(seed)
+        per_dilation = max(1, kernels // len(dilations))
+        self.dilations: list[int] = []
+        self.tap_of: list[int] = []
+        for g, group in enumerate(groups):
+            for d in group:
+                w = torch.randn(per_dilation, channels, 9, generator=gen)
+                w = w - w.mean(dim=-1, keepdim=True)
+                # each kernel reads 2^U(0, log2(min(C, 9) + 1)) - 1 channels, as multivariate ROCKET
+                n_ch = (2 ** (torch.rand(per_dilation, generator=gen) * np.log2(min(channels, 9) + 1))).floor().clamp(min=1)
+                rank = torch.rand(per_dilation, channels, generator=gen).argsort(dim=1).argsort(dim=1)
+                w = w * (rank < n_ch[:, None]).float()[..., None]
+                self.register_buffer(f"weight_{len(self.dilations)}", w)
+                self.register_buffer(f"bias_{len(self.dilations)}", torch.rand(per_dilation, generator=gen) * 2 - 1)
+                self.dilations.append(int(d))
+                self.tap_of.append(g)
+        names = ("short", "mid", "long")[: len(groups)]
+        self.taps = tuple(TapSpec(names[g], self.segments, 2 * per_dilation * sum(1 for t in self.tap_of if t == g))
+                          for g in range(len(groups)))
+        self.freeze()
+
+    def forward(self, x: torch.Tensor):
+        outs: list[list[torch.Tensor]] = [[] for _ in self.taps]
+        for i, d in enumerate(self.dilations):
+            y = F.conv1d(x, getattr(self, f"weight_{i}"), getattr(self, f"bias_{i}"), padding=4 * d, dilation=d)
+            y = y.reshape(y.shape[0], y.shape[1], self.segments, -1)            # [B, K, segments, steps]
+            outs[self.tap_of[i]].append(torch.cat([(y > 0).float().mean(dim=-1), y.amax(dim=-1)], dim=1))
+        return tuple(torch.cat(o, dim=1).transpose(1, 2) for o in outs)       # [B, segments, 2K]
+
+
+class RawSignalBackbone(TappedBackbone):
+    """No model at all: the preprocessed signal (the ``raw`` encoding) flattened into one token."""
+
+    name = "raw"
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.taps = (TapSpec("raw", 1, int(np.prod(self.input_shape))),)
+        self.register_buffer("_shape", torch.tensor(self.input_shape), persistent=True)
+        self.freeze()
+
+    def forward(self, x):
+        return (x.reshape(x.shape[0], 1, -1) * 1.0,)
+
+
 class TinyConvBackbone(TappedBackbone):
     """A small randomly initialised CNN with fixed seed: for fast unit tests only, never a default."""
 
@@ -212,6 +304,9 @@ class VectorBackbone(TappedBackbone):
 
 BACKBONES: dict[str, Callable[..., TappedBackbone]] = {
     "efficientnet-lite0": EfficientNetLite0,
+    "efficientnet-lite0-video": VideoFrameBackbone,
+    "rocket": RandomConvSeriesEncoder,
+    "raw": RawSignalBackbone,
     "tiny-cnn": TinyConvBackbone,
     "identity": VectorBackbone,
 }

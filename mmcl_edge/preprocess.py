@@ -14,7 +14,27 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("image", "audio", "timeseries", "vector")
+KINDS = ("image", "audio", "timeseries", "video", "vector")
+
+# How each kind can be encoded before its frozen backbone; the first is the default.
+#   cnn          an image (or one image per frame) for the pre-trained CNN
+#   rocket       the z-scored series for a fixed random-convolution encoder (ROCKET-style)
+#   spectrogram  per-channel log-spectrograms stacked into one image for the CNN
+#   raw          the signal itself, small and z-scored: no pre-trained model (the raw-ridge baseline)
+ENCODINGS = {
+    "image": ("cnn", "raw"),
+    "audio": ("cnn", "raw"),
+    "timeseries": ("rocket", "spectrogram", "raw"),
+    "video": ("cnn", "raw"),
+    "vector": ("identity",),
+}
+# Video runs the CNN once per frame: smaller frames keep a 16-frame clip affordable on a CPU.
+DEFAULT_IMAGE_SIZE = {"video": 64}
+# Bumped when a kind's preprocessing changes what it computes (keys the tap cache).
+REVISIONS = {"video": 2}
+# Sizes of the "raw" encodings: small, so a ridge head on them stays cheap.
+RAW_SERIES_LENGTH = 32
+RAW_FRAME_SIZE = 12
 
 
 @dataclass(frozen=True)
@@ -22,18 +42,27 @@ class PreprocessSpec:
     """How one modality is turned into a backbone input; serialised into workspaces and packs."""
 
     kind: str
-    image_size: int = 96
+    image_size: int = 0           # side of the backbone's input images; 0 = the kind's default (DEFAULT_IMAGE_SIZE)
     sample_rate: int = 8000
     clip_seconds: float = 1.0
     n_mels: int = 64
     n_fft: int = 256
     hop: int = 64
     series_length: int = 128
+    frames: int = 16              # video: frames per clip after resampling in time
+    encoding: str = ""            # see ENCODINGS; "" = the kind's default
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown modality kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if not self.image_size:
+            object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZE.get(self.kind, 96))
+        if not self.encoding:
+            object.__setattr__(self, "encoding", ENCODINGS[self.kind][0])
+        if self.encoding not in ENCODINGS[self.kind]:
+            raise ValueError(f"a {self.kind} modality cannot use encoding {self.encoding!r}; "
+                             f"choose one of {', '.join(ENCODINGS[self.kind])}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,10 +70,15 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("kind") == "timeseries" and "encoding" not in d:
+            d["encoding"] = "spectrogram"  # written before encodings existed: the only one there was
+        return cls(**d)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Names the spec and the revision of its kind's code: cached taps are never reused across either."""
+        body = {**self.to_dict(), **({"revision": REVISIONS[self.kind]} if self.kind in REVISIONS else {})}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ImageNet normalisation of the EfficientNet-Lite checkpoints: (x*255 - 127) / 128 for x in [0, 1].
@@ -155,23 +189,33 @@ def audio(wave: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return _to_backbone_image(gray[::-1].copy(), spec.image_size)
 
 
-def timeseries(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Multichannel sensor series ``[T, C]`` (or ``[T]``) -> stacked per-channel log-spectrograms.
-
-    Each channel is resampled to ``series_length`` steps and standardised (so units and offsets
-    such as gravity on an accelerometer do not matter), turned into a log-power spectrogram, and
-    the channels' spectrograms are stacked top to bottom into one image for the image backbone:
-    a pre-trained CNN then sees rhythm and frequency content per channel, which is what tells
-    activities and gestures apart in IMU data.
-    """
+def standardised_series(x: np.ndarray, length: int) -> np.ndarray:
+    """``[T, C]`` (or ``[T]``) -> ``[C, length]``: resampled linearly in time, each channel z-scored
+    over the clip (so units and offsets such as gravity on an accelerometer drop out)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[:, None]
-    if x.ndim != 2:
-        raise ValueError(f"a timeseries sample must be [T] or [T, C], got shape {x.shape}")
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"a timeseries sample must be [T] or [T, C] with T >= 2, got shape {x.shape}")
+    x = (_interp_matrix(x.shape[0], length) @ x).T
+    return ((x - x.mean(axis=1, keepdims=True)) / (x.std(axis=1, keepdims=True) + 1e-6)).astype(np.float32)
+
+
+def timeseries(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Multichannel sensor series ``[T, C]`` (or ``[T]``), by the spec's encoding:
+
+    - ``rocket`` (default): the standardised series ``[C, series_length]`` for the random-convolution
+      encoder, which measures how often and how strongly learned-free kernels at many dilations fire;
+    - ``raw``: the standardised series at ``RAW_SERIES_LENGTH`` steps;
+    - ``spectrogram``: per-channel log-power spectrograms stacked top to bottom into one image for
+      the ImageNet CNN (rhythm and frequency content per channel).
+    """
+    if spec.encoding == "raw":
+        return standardised_series(x, RAW_SERIES_LENGTH)
     length = spec.series_length
-    x = (_interp_matrix(x.shape[0], length) @ x).T  # [C, length]
-    x = (x - x.mean(axis=1, keepdims=True)) / (x.std(axis=1, keepdims=True) + 1e-6)
+    x = standardised_series(x, length)
+    if spec.encoding == "rocket":
+        return x
     n_fft = min(32, length)
     rows = []
     for channel in x:
@@ -183,16 +227,78 @@ def timeseries(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return _to_backbone_image(gray, spec.image_size)
 
 
+def resample_frames(x: np.ndarray, frames: int) -> np.ndarray:
+    """Pick ``frames`` frames evenly spread over the clip (nearest frame: no blending of depth edges)."""
+    idx = np.round(np.linspace(0, x.shape[0] - 1, frames)).astype(int)
+    return x[idx]
+
+
+def _motion(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: how much changed since the previous frame, and all change so far (a running
+    depth-motion map), each scaled over the clip to [0, 1]."""
+    diff = np.abs(np.diff(frames, axis=0, prepend=frames[:1]))
+    history = np.cumsum(diff, axis=0)
+    return diff / max(float(diff.max()), 1e-6), history / max(float(history.max()), 1e-6)
+
+
+def video(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A clip ``[F, H, W]`` (grey or depth) or ``[F, H, W, C]`` (colour) -> ``[frames, 3, S, S]``.
+
+    Any frame count and size are accepted: frames are resampled to ``spec.frames`` (evenly spread,
+    nearest frame) and each frame is resized to ``image_size``. One clip is scaled as a whole, so
+    brightness (or distance) changes over time survive. Single-channel clips follow the depth-camera
+    convention: 0 means "no reading"; readings are scaled over the clip's own range into
+    [0.2, 1] and missing pixels stay 0, so a reading is never confused with a hole.
+    """
+    x = np.asarray(x)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (3, 4)) or x.shape[0] < 1:
+        raise ValueError(f"a video sample must be [F, H, W] or [F, H, W, C] with C in (1, 3, 4), got shape {x.shape}")
+    x = resample_frames(x, spec.frames).astype(np.float32)
+    if spec.encoding == "raw":
+        size = RAW_FRAME_SIZE
+    else:
+        size = spec.image_size
+    if x.ndim == 4:  # colour: [F, H, W, C] -> [F, 3, S, S]
+        x = np.moveaxis(x[..., :3], -1, 1)
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        frames = resize_2d(x, size, size)
+    else:
+        valid = x > 0
+        if valid.any():
+            lo, hi = float(x[valid].min()), float(x[valid].max())
+            scaled = 0.2 + 0.8 * (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
+            x = np.where(valid, scaled, 0.0).astype(np.float32)
+        frames = resize_2d(x, size, size)
+        frames = (np.stack([frames, *_motion(frames)], axis=1) if spec.encoding == "cnn"
+                  else frames[:, None].repeat(3, axis=1))
+    if spec.encoding == "raw":
+        frames = frames[:, 0]
+        return ((frames - frames.mean()) / (frames.std() + 1e-6)).astype(np.float32)
+    return ((np.clip(frames, 0.0, 1.0) - _MEAN) / _STD).astype(np.float32)
+
+
 def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Feature vectors pass through as float32 (flattened)."""
     return np.asarray(x, dtype=np.float32).reshape(-1)
 
 
-_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "vector": vector}
+def _raw_image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """``raw`` encoding of images and audio: the backbone input shrunk to 16 x 16 grey, z-scored."""
+    full = _FUNCTIONS[spec.kind](x, spec)[0]
+    small = resize_2d(full, 16, 16)
+    return ((small - small.mean()) / (small.std() + 1e-6)).astype(np.float32)
+
+
+_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "video": video, "vector": vector}
 
 
 def preprocess(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Preprocess one raw sample of the given kind."""
+    if spec.encoding == "raw" and spec.kind in ("image", "audio"):
+        return _raw_image(x, spec)
     return _FUNCTIONS[spec.kind](x, spec)
 
 

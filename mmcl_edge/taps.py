@@ -17,21 +17,32 @@ import numpy as np
 import torch
 
 from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
-from mmcl_edge.preprocess import PreprocessSpec, preprocess_batch
+from mmcl_edge.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
-DEFAULT_BACKBONES = {"image": "efficientnet-lite0", "audio": "efficientnet-lite0",
-                     "timeseries": "efficientnet-lite0", "vector": "identity"}
+# (kind, encoding) -> the frozen backbone used unless modalities.json names another ("backbone")
+DEFAULT_BACKBONES = {("image", "cnn"): "efficientnet-lite0", ("audio", "cnn"): "efficientnet-lite0",
+                     ("timeseries", "spectrogram"): "efficientnet-lite0", ("timeseries", "rocket"): "rocket",
+                     ("video", "cnn"): "efficientnet-lite0-video", ("vector", "identity"): "identity"}
 
 
 def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = None) -> TappedBackbone:
-    """The frozen backbone of a modality: the kind's default, or a registered name."""
-    name = name or spec.options.get("backbone") or DEFAULT_BACKBONES[spec.kind]
-    if name == "identity":
-        return create_backbone(name, dim=int(np.asarray(example).size))
+    """The frozen backbone of a modality: the default of its kind and encoding, or a registered name.
+
+    Backbones get the input geometry they ask for (by parameter name), read off the spec and one
+    preprocessed example: ``image_size``, ``frames``, ``channels``/``length`` (series),
+    ``input_shape`` and ``dim``.
+    """
+    if spec.encoding == "raw":
+        name = "raw"
+    name = name or spec.options.get("backbone") or DEFAULT_BACKBONES[(spec.kind, spec.encoding)]
     factory = BACKBONES.get(name)
-    if factory is not None and "image_size" in inspect.signature(factory).parameters:
-        return create_backbone(name, image_size=spec.image_size)  # backbones that take the input size
-    return create_backbone(name)
+    if factory is None:
+        return create_backbone(name)  # the registry's own "unknown backbone" error
+    shape = preprocess(example, spec).shape
+    offered = {"image_size": spec.image_size, "frames": spec.frames, "input_shape": shape,
+               "dim": int(np.prod(shape)), "channels": shape[0], "length": shape[-1]}
+    wanted = inspect.signature(factory).parameters
+    return create_backbone(name, **{k: v for k, v in offered.items() if k in wanted})
 
 
 _KEY_BYTES = 20  # a sha1 digest
@@ -94,6 +105,10 @@ class TapCache:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
             todo = [samples[first[k]] for k in missing]
             new = [[] for _ in backbone.taps]
+            # about 64 images' worth of input per forward pass: a batch of 64 video clips would
+            # allocate gigabytes of activations and run several times slower per frame
+            per_sample = int(np.prod(backbone.input_shape)) if backbone.input_shape else 1
+            batch_size = max(1, min(batch_size, (64 * 3 * 96 * 96) // max(1, per_sample)))
             with torch.inference_mode():
                 for b in range(0, len(todo), batch_size):
                     chunk = todo[b:b + batch_size]

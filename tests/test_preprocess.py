@@ -81,21 +81,26 @@ def test_audio_tone_pitch_is_visible():
 
 @pytest.mark.parametrize("shape", [(200, 3), (50, 6), (10, 1), (300,), (7,)])
 def test_timeseries_shapes(shape):
-    spec = PreprocessSpec(kind="timeseries", image_size=20, series_length=64)
+    spec = PreprocessSpec(kind="timeseries", image_size=20, series_length=64, encoding="spectrogram")
     check_image_like(preprocess(rng.normal(size=shape), spec), 20)
+    channels = shape[1] if len(shape) == 2 else 1
+    out = preprocess(rng.normal(size=shape), PreprocessSpec(kind="timeseries", series_length=64))  # rocket
+    assert out.shape == (channels, 64) and out.dtype == np.float32
 
 
-def test_timeseries_ignores_offset_and_scale_per_channel():
-    spec = PreprocessSpec(kind="timeseries", image_size=16)
+@pytest.mark.parametrize("encoding", ["rocket", "spectrogram", "raw"])
+def test_timeseries_ignores_offset_and_scale_per_channel(encoding):
+    spec = PreprocessSpec(kind="timeseries", image_size=16, encoding=encoding)
     x = rng.normal(size=(100, 3))
     shifted = x * np.array([1.0, 9.81, 0.01]) + np.array([0.0, 9.81, -3.0])  # units and gravity
     np.testing.assert_allclose(preprocess(x, spec), preprocess(shifted, spec), atol=1e-3)
 
 
 def test_timeseries_constant_channel_is_finite():
-    spec = PreprocessSpec(kind="timeseries", image_size=16)
+    spec = PreprocessSpec(kind="timeseries", image_size=16, encoding="spectrogram")
     x = np.stack([np.ones(80), rng.normal(size=80)], axis=1)
     check_image_like(preprocess(x, spec), 16)
+    assert np.isfinite(preprocess(x, PreprocessSpec(kind="timeseries"))).all()
 
 
 def test_timeseries_rejects_3d():
@@ -144,4 +149,4 @@ def test_digest_changes_with_every_option(change):
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown modality kind"):
         PreprocessSpec(kind="lidar")
-    assert set(KINDS) == {"image", "audio", "timeseries", "vector"}
+    assert set(KINDS) == {"image", "audio", "timeseries", "video", "vector"}
