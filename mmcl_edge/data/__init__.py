@@ -1,7 +1,10 @@
 """Data: multi-modal data sets, task streams and the built-in scenarios."""
 from mmcl_edge.data.dataset import DataFormatError, MultiModalDataset, Scenario, Task
 
-__all__ = ["DataFormatError", "MultiModalDataset", "Scenario", "Task", "load_scenario"]
+# The built-in task streams (synthetic-* are small and made up, for tests and quick tries).
+SCENARIOS = ("avdigits-cil", "avdigits-dil", "utd-mhad-cil", "utd-mhad-dil", "synthetic-cil", "synthetic-dil")
+
+__all__ = ["SCENARIOS", "DataFormatError", "MultiModalDataset", "Scenario", "Task", "load_scenario"]
 
 
 def load_scenario(name: str | None = None, *, data: str | None = None, data_dir: str | None = None,
@@ -13,7 +16,10 @@ def load_scenario(name: str | None = None, *, data: str | None = None, data_dir:
     if name in ("avdigits-cil", "avdigits-dil"):
         from mmcl_edge.data.avdigits import load_avdigits
         return load_avdigits("class-il" if name.endswith("cil") else "domain-il", data_dir=data_dir, seed=seed)
+    if name in ("utd-mhad-cil", "utd-mhad-dil"):
+        from mmcl_edge.data.utdmhad import load_utd_mhad
+        return load_utd_mhad("class-il" if name.endswith("cil") else "domain-il", data_dir=data_dir, seed=seed)
     if name == "synthetic-cil" or name == "synthetic-dil":
         from mmcl_edge.data.synthetic import synthetic_scenario
         return synthetic_scenario("class-il" if name.endswith("cil") else "domain-il", seed=seed)
-    raise DataFormatError(f"unknown scenario {name!r}: use avdigits-cil, avdigits-dil, or --data DIR")
+    raise DataFormatError(f"unknown scenario {name!r}: use {', '.join(SCENARIOS)}, or --data DIR")

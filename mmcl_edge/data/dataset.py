@@ -52,6 +52,8 @@ class Scenario:
     specs: dict[str, PreprocessSpec]
     tasks: list[Task]
     class_names: list[str] = field(default_factory=list)
+    # the test split holds domains (e.g. people) never trained on: validation must hold some out too
+    unseen_test_domains: bool = False
 
     @property
     def modalities(self) -> list[str]:
@@ -104,14 +106,26 @@ def domain_incremental_tasks(y_train: np.ndarray, d_train: np.ndarray | None, d_
 def validation_scenario(scenario: Scenario, fraction: float = 0.2, seed: int = 0) -> Scenario:
     """The same task stream with each task's test set replaced by a held-out part of its training set.
 
-    Hyper-parameters are chosen on this, never on the test split.
+    Hyper-parameters are chosen on this, never on the test split. When the test split holds
+    domains never trained on (``unseen_test_domains``, e.g. a cross-subject split), whole training
+    domains are held out, about ``fraction`` of them: unseen people are only mimicked by unseen
+    people. Otherwise samples are held out at random.
     """
     rng = np.random.default_rng(seed + 7919)
+    held_out = None
+    domains = scenario.train.domain
+    if scenario.unseen_test_domains and domains is not None and len(np.unique(domains)) >= 2:
+        order = rng.permutation(np.unique(domains))
+        n_dom = max(1, min(len(order) - 1, int(round(fraction * len(order)))))
+        held_out = np.isin(domains, order[:n_dom])
     train_parts, val_parts, tasks, cursor = [], [], [], 0
     for task in scenario.tasks:
-        idx = rng.permutation(task.train_idx)
-        n_val = max(1, int(round(fraction * len(idx))))
-        val, fit = np.sort(idx[:n_val]), np.sort(idx[n_val:])
+        if held_out is not None:
+            val, fit = task.train_idx[held_out[task.train_idx]], task.train_idx[~held_out[task.train_idx]]
+        else:
+            idx = rng.permutation(task.train_idx)
+            n_val = max(1, int(round(fraction * len(idx))))
+            val, fit = np.sort(idx[:n_val]), np.sort(idx[n_val:])
         train_parts.append(fit)
         val_parts.append(val)
         tasks.append(Task(task.index, np.arange(cursor, cursor + len(fit)), val, task.classes, task.name))
@@ -123,4 +137,5 @@ def validation_scenario(scenario: Scenario, fraction: float = 0.2, seed: int = 0
     for t, task in enumerate(tasks):
         task.test_idx = np.arange(offsets[t], offsets[t + 1])
     return Scenario(f"{scenario.name} (validation)", scenario.setting, scenario.train.subset(fit_all),
-                    scenario.train.subset(val_all), scenario.specs, tasks, scenario.class_names)
+                    scenario.train.subset(val_all), scenario.specs, tasks, scenario.class_names,
+                    scenario.unseen_test_domains)
