@@ -35,10 +35,10 @@ class StreamingRidgeHead(nn.Module):
         return bool(self.gram.abs().sum() == 0)
 
     @torch.no_grad()
-    def update(self, feats: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, feats: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         f = feats.double()
-        self.gram += f.T @ f
-        self.class_sums.index_add_(1, y, f.T)
+        self.gram += weight * (f.T @ f)
+        self.class_sums.index_add_(1, y, weight * f.T)
 
     @torch.no_grad()
     def transform(self, m: torch.Tensor) -> None:
@@ -55,7 +55,12 @@ class StreamingRidgeHead(nn.Module):
         self.class_sums.copy_(self.class_sums.float().double())
         d = self.gram.shape[0]
         lam = self.ridge * torch.trace(self.gram) / d
-        w = torch.linalg.solve(self.gram + lam * torch.eye(d, dtype=self.gram.dtype), self.class_sums)
+        # G + lam I is symmetric positive definite: Cholesky costs half of a general solve
+        chol, info = torch.linalg.cholesky_ex(self.gram + lam * torch.eye(d, dtype=self.gram.dtype))
+        if int(info) == 0:
+            w = torch.cholesky_solve(self.class_sums, chol)
+        else:  # not positive definite after rounding (lam == 0 on rank-deficient sums)
+            w = torch.linalg.solve(self.gram + lam * torch.eye(d, dtype=self.gram.dtype), self.class_sums)
         self.weight.copy_(w.float())
 
     # Ridge outputs regress one-hot targets (about 0..1); scaling them makes a softmax over them

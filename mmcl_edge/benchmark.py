@@ -18,8 +18,9 @@ import numpy as np
 
 from mmcl_edge.config import LearnConfig
 from mmcl_edge.data import Scenario, load_scenario
-from mmcl_edge.learners import create_learner
-from mmcl_edge.stream import TapSource, label_map, run_stream
+from mmcl_edge.learners import create_learner, tap_encoding
+from mmcl_edge.learners.baselines import SubsetLearner
+from mmcl_edge.stream import TapSource, label_map, missing_modality_accuracy, run_stream
 
 SUMMARY_KEYS = ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "learn_seconds")
 
@@ -49,19 +50,26 @@ _SCENARIOS: dict[tuple, Scenario] = {}  # per process: each seed's stream is loa
 _SOURCES: dict[tuple, TapSource] = {}    # ... and its backbones and cached taps too
 
 
+def _source(spec: ScenarioSpec, seed: int, cache_root: Path, encoding: str | None = None,
+            progress: Callable | None = None) -> TapSource:
+    """The seed's stream and tap source for an encoding, built once per process."""
+    if (spec, seed) not in _SCENARIOS:
+        _SCENARIOS[(spec, seed)] = spec.load(seed)
+    key = (spec, seed, encoding)
+    if key not in _SOURCES:
+        _SOURCES[key] = TapSource(_SCENARIOS[(spec, seed)], cache_root, progress, encoding)
+    return _SOURCES[key]
+
+
 def run_one(spec: ScenarioSpec, name: str, seed: int, config: LearnConfig, cache_root: Path, threads: int) -> dict:
-    """One method on one seed's stream; returns its report with ``learn_seconds``."""
+    """One method on one seed's stream; returns its report with ``learn_seconds`` and the final
+    accuracy with each modality missing at test time (methods that see every modality)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    key = (spec, seed)
-    if key not in _SCENARIOS:
-        _SCENARIOS[key] = spec.load(seed)
-    scenario = _SCENARIOS[key]
-    if key not in _SOURCES:
-        _SOURCES[key] = TapSource(scenario, cache_root)
-    source = _SOURCES[key]
+    source = _source(spec, seed, cache_root, tap_encoding(name))
+    scenario = source.scenario
     learner = create_learner(name, config.override({"train.seed": seed}), source.modality_taps, scenario.setting,
                              scenario.num_classes)
     start = time.perf_counter()
@@ -69,6 +77,8 @@ def run_one(spec: ScenarioSpec, name: str, seed: int, config: LearnConfig, cache
     report = result.report()
     report["learn_seconds"] = float(sum(t.get("train_seconds", 0.0) for t in result.tasks))
     report["wall_seconds"] = time.perf_counter() - start
+    if not isinstance(learner, SubsetLearner):
+        report["missing_modality"] = missing_modality_accuracy(scenario, learner, source)
     return report
 
 
@@ -87,13 +97,15 @@ def run_cl_benchmark(spec: ScenarioSpec, methods: list[str], seeds: int, config:
     """Run every method for seeds 0..seeds-1 and aggregate mean ± std over seeds."""
     workers = workers or default_workers()
     scenario = None
+    encodings = list(dict.fromkeys(tap_encoding(name) for name in methods))
     for seed in range(seeds):  # extract every tap once, before any worker reads the cache
-        scenario = spec.load(seed)
-        _SCENARIOS[(spec, seed)] = scenario
-        source = _SOURCES[(spec, seed)] = TapSource(scenario, cache_root, progress)
-        lmap = label_map(scenario, len(scenario.tasks) - 1)
-        source.taps("train", np.arange(len(scenario.train.y)), lmap, f"seed {seed} train")
-        source.taps("test", np.arange(len(scenario.test.y)), lmap, f"seed {seed} test")
+        for encoding in encodings:
+            source = _source(spec, seed, cache_root, encoding, progress)
+            scenario = source.scenario
+            lmap = label_map(scenario, len(scenario.tasks) - 1)
+            what = f"seed {seed}" + (f" {encoding}" if encoding else "")
+            source.taps("train", np.arange(len(scenario.train.y)), lmap, f"{what} train")
+            source.taps("test", np.arange(len(scenario.test.y)), lmap, f"{what} test")
     jobs = [(name, seed) for seed in range(seeds) for name in methods]
     runs: dict[tuple[str, int], dict] = {}
     if workers == 1:
@@ -118,7 +130,12 @@ def run_cl_benchmark(spec: ScenarioSpec, methods: list[str], seeds: int, config:
             values = [r[key] for r in reps]
             entry[key] = float(np.mean(values))
             entry[f"{key}_std"] = float(np.std(values))
-        entry["per_seed"] = [{k: r[k] for k in (*SUMMARY_KEYS, "accuracy_matrix")} for r in reps]
+        missing = [r["missing_modality"] for r in reps if r.get("missing_modality")]
+        if missing:
+            entry["missing_modality"] = {m: float(np.mean([x[m] for x in missing])) for m in missing[0]}
+            entry["missing_modality_std"] = {m: float(np.std([x[m] for x in missing])) for m in missing[0]}
+        entry["per_seed"] = [{k: r[k] for k in (*SUMMARY_KEYS, "accuracy_matrix", "missing_modality") if k in r}
+                             for r in reps]
         methods_out[name] = entry
     return {"scenario": scenario.name, "setting": scenario.setting, "seeds": seeds, "workers": workers,
             "config": config.to_dict(), "methods": methods_out}

@@ -52,6 +52,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0              # torch CPU threads; 0 = torch's default
     later_lr_scale: float = 0.1   # learning-rate factor for tasks after the first ("slow learner")
+    modality_dropout: float = 0.2  # chance to hide each modality of a training sample (never all), so the
+                                   # model answers when a sensor drops out; also the weight of one-modality-
+                                   # missing copies in the analytic head's sums
 
 
 @dataclass
@@ -62,6 +65,8 @@ class BaselineConfig:
     buffer_size: int = 200        # ER: cached-tap samples kept (class-balanced)
     random_projection: int = 0    # ridge: width of the fixed random ReLU projection (0 = none)
     ridge: float = 1e-3           # ridge: regularisation, relative to the mean feature energy
+    ranpac_projection: int = 4096  # ranpac: width of its fixed random ReLU projection
+    ranpac_ridge: float = 1e-3    # ranpac: regularisation, relative to the mean feature energy
 
 
 @dataclass

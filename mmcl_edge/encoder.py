@@ -66,15 +66,20 @@ class MMEncoder(nn.Module):
         """Flat, ordered tap input names: ``<modality>__<tap>`` for every tap of every modality."""
         return [f"{m}__{t.name}" for m in self.modalities for t in self.modality_taps[m]]
 
-    def forward(self, taps: dict[str, list[torch.Tensor]]) -> EncoderOutput:
+    def forward(self, taps: dict[str, list[torch.Tensor]], present: torch.Tensor | None = None) -> EncoderOutput:
+        """``present`` ([B, M], 1 = the modality is there) lets a sample miss modalities: an absent
+        modality adds nothing to its state and is left out of the fused embedding."""
         states = None
         gates, probs = [], []
+        mask = None if present is None else present.to(next(iter(taps.values()))[0].dtype).unsqueeze(-1)  # [B, M, 1]
         for l in range(self.cfg.depths):
             inputs = []
             for i, m in enumerate(self.modalities):
                 m_taps = taps[m]
                 inputs.append(self.proj[i][l](m_taps[tap_for_depth(l, self.cfg.depths, len(m_taps))]))
             u = self.drop(torch.stack(inputs, dim=1))               # [B, M, W]
+            if mask is not None:
+                u = u * mask
             states = u if states is None else states + u
             g, p = self.routers[l](states)                          # [B, M, E]
             expert_out = self.pools[l](self.expert_norm[l](states))  # [B, M, E, W]
@@ -82,7 +87,10 @@ class MMEncoder(nn.Module):
             gates.append(g)
             probs.append(p)
         z = torch.stack([norm(states[:, i]) for i, norm in enumerate(self.out_norm)], dim=1)
-        return EncoderOutput(z, z.mean(dim=1), gates, probs)
+        if mask is None:
+            return EncoderOutput(z, z.mean(dim=1), gates, probs)
+        fused = (z * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return EncoderOutput(z, fused, gates, probs)
 
     def frozen_experts(self) -> list[list[int]]:
         return [[int(i) for i in pool.frozen.nonzero().flatten()] for pool in self.pools]

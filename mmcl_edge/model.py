@@ -46,13 +46,15 @@ class MMCLModel(nn.Module):
         one = out.fused.new_ones(out.fused.shape[0], 1)
         return torch.cat([pooled_tap_features(taps, self.encoder.modalities), one, out.fused * self.fused_scale], dim=-1)
 
-    def training_logits(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
+    def training_logits(self, taps: dict[str, list[torch.Tensor]],
+                        present: torch.Tensor | None = None) -> tuple[torch.Tensor, EncoderOutput]:
         """Logits of the gradient-trained linear head (what the losses train in every mode)."""
-        out = self.encoder(taps)
+        out = self.encoder(taps, present)
         return self.head(out.fused), out
 
-    def forward(self, taps: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, EncoderOutput]:
-        out = self.encoder(taps)
+    def forward(self, taps: dict[str, list[torch.Tensor]],
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, EncoderOutput]:
+        out = self.encoder(taps, present)
         if self.analytic is not None:
             return self.analytic(self.features(taps, out))[:, : self.head.num_outputs], out
         return self.head(out.fused), out

@@ -2,6 +2,7 @@
 evaluate on every task seen so far, record the accuracy matrix and timings."""
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +14,26 @@ from mmcl_edge.backbones import TappedBackbone
 from mmcl_edge.data import Scenario
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.metrics import summarise
+from mmcl_edge.preprocess import ENCODINGS
 from mmcl_edge.taps import TapCache, backbone_for
 
 
 class TapSource:
-    """The frozen backbones of a scenario's modalities and the cache of their taps."""
+    """The frozen backbones of a scenario's modalities and the cache of their taps.
 
-    def __init__(self, scenario: Scenario, cache_root: Path, progress: Callable | None = None):
+    ``encoding`` replaces every modality's encoding where its kind allows it (``"raw"``: the
+    signals themselves, for the raw-ridge baseline).
+    """
+
+    def __init__(self, scenario: Scenario, cache_root: Path, progress: Callable | None = None,
+                 encoding: str | None = None):
         self.scenario = scenario
         self.cache = TapCache(cache_root)
         self.progress = progress  # progress(description, total) -> context manager with .advance(n)
+        self.specs = {m: (dataclasses.replace(s, encoding=encoding) if encoding in ENCODINGS[s.kind] else s)
+                      for m, s in scenario.specs.items()}
         self.backbones: dict[str, TappedBackbone] = {
-            m: backbone_for(spec, scenario.train.samples[m][0]) for m, spec in scenario.specs.items()}
+            m: backbone_for(spec, scenario.train.samples[m][0]) for m, spec in self.specs.items()}
 
     @property
     def modality_taps(self):
@@ -33,7 +42,7 @@ class TapSource:
     def taps(self, split: str, idx: np.ndarray, label_map: dict[int, int], what: str = "") -> tuple[TaskData, float, int]:
         ds = self.scenario.train if split == "train" else self.scenario.test
         out, seconds, extracted = {}, 0.0, 0
-        for m, spec in self.scenario.specs.items():
+        for m, spec in self.specs.items():
             samples = [ds.samples[m][i] for i in idx]
             ctx = self.progress(f"taps {m} {what}".strip(), len(samples)) if self.progress else nullcontext(None)
             with ctx as bar:
@@ -85,6 +94,20 @@ def learn_one_task(scenario: Scenario, learner: Learner, source: TapSource, t: i
               "train_samples": int(len(task.train_idx)), "extract_seconds": extract_s,
               "samples_extracted": extracted, **info}
     return row, record
+
+
+def missing_modality_accuracy(scenario: Scenario, learner: Learner, source: TapSource) -> dict[str, float]:
+    """Final average accuracy with each modality missing from every test sample (the learner as it
+    is after the last task): what a sensor dropping out costs."""
+    if len(scenario.modalities) < 2:
+        return {}
+    last = len(scenario.tasks) - 1
+    tests = [source.taps("test", task.test_idx, label_map(scenario, last))[0] for task in scenario.tasks]
+    out = {}
+    for m in scenario.modalities:
+        row = [float(np.mean(learner.predict(t.without(m)) == t.y)) if len(t) else None for t in tests]
+        out[m] = float(np.mean([v for v in row if v is not None]))
+    return out
 
 
 def run_stream(scenario: Scenario, learner: Learner, source: TapSource, on_task: Callable | None = None) -> StreamResult:

@@ -1,10 +1,12 @@
 """Learners: the method, its ablations and the baselines, all driven by one task loop (``stream.py``)."""
+import itertools
+
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.learners.adapter import AdapterLearner
 
 __all__ = ["Learner", "TaskData", "AdapterLearner", "create_learner", "method_names", "ABLATIONS", "BASELINE_NAMES"]
 
-BASELINE_NAMES = ("finetune", "lwf", "ewc", "er", "simplecil", "ridge", "joint")
+BASELINE_NAMES = ("finetune", "lwf", "ewc", "er", "simplecil", "ridge", "ranpac", "raw-ridge", "joint")
 
 # The method's variants as configuration: "mmcl" is the default; "mmcl-paper" is the paper's method
 # as published; the others switch one piece off.
@@ -26,10 +28,29 @@ ABLATIONS = {
 }
 
 
+def modality_subsets(modalities: list[str]) -> list[list[str]]:
+    """The proper subsets the fusion ablation rows use: each modality alone, and each pair when
+    there are three or more (in the scenario's modality order)."""
+    if len(modalities) < 2:
+        return []
+    subsets = [[m] for m in modalities]
+    if len(modalities) >= 3:
+        subsets += [list(p) for p in itertools.combinations(modalities, 2)]
+    return subsets
+
+
 def method_names(modalities: list[str]) -> list[str]:
-    """Every runnable name: method variants, single-modality ablations, baselines."""
-    single = [f"mmcl-{m}-only" for m in modalities] if len(modalities) > 1 else []
-    return [*ABLATIONS, *single, *BASELINE_NAMES]
+    """Every runnable name: method variants, modality-subset ablations, baselines."""
+    from mmcl_edge.learners.baselines import subset_name
+
+    return [*ABLATIONS, *(subset_name("mmcl", s) for s in modality_subsets(modalities)), *BASELINE_NAMES]
+
+
+def tap_encoding(name: str) -> str | None:
+    """The encoding whose taps a method learns from, when it is not the scenario's default."""
+    from mmcl_edge.learners import baselines
+
+    return getattr(baselines.BASELINES.get(name), "encoding", None)
 
 
 def create_learner(name: str, config, modality_taps: dict, setting: str, n_classes: int) -> Learner:
@@ -38,9 +59,10 @@ def create_learner(name: str, config, modality_taps: dict, setting: str, n_class
 
     if name in ABLATIONS:
         return AdapterLearner(config.override(ABLATIONS[name]), modality_taps, setting, n_classes)
-    if name.startswith("mmcl-") and name.endswith("-only") and name[5:-5] in modality_taps:
-        return baselines.SingleModalityLearner(
-            lambda taps, *a: AdapterLearner(config, taps, *a), name[5:-5], modality_taps, setting, n_classes)
+    for subset in modality_subsets(list(modality_taps)):
+        if name == baselines.subset_name("mmcl", subset):
+            return baselines.SubsetLearner(lambda taps, *a: AdapterLearner(config, taps, *a), subset,
+                                           modality_taps, setting, n_classes)
     if name in baselines.BASELINES:
         return baselines.BASELINES[name](config, modality_taps, setting, n_classes)
     raise KeyError(f"unknown method {name!r}; known: {', '.join(method_names(list(modality_taps)))}")

@@ -21,6 +21,21 @@ def to_torch(data: TaskData, idx=None) -> dict[str, list[torch.Tensor]]:
     return {m: [torch.from_numpy(np.ascontiguousarray(t[sel])).float() for t in ts] for m, ts in data.taps.items()}
 
 
+def presence(data: TaskData, idx=None) -> torch.Tensor | None:
+    """The ``present`` mask of ``data`` (rows ``idx``) for the encoder; None when all are there."""
+    if data.present is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(data.present[slice(None) if idx is None else idx])).float()
+
+
+def modality_dropout(present: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Drop each present modality of each sample with probability ``p``, never all of a sample's."""
+    keep = (torch.rand(present.shape, generator=gen) >= p).float() * present
+    empty = keep.sum(dim=1) == 0
+    keep[empty] = present[empty]
+    return keep
+
+
 class AdapterLearner(Learner):
     name = "mmcl"
 
@@ -52,6 +67,7 @@ class AdapterLearner(Learner):
     # the shared loop ------------------------------------------------------------------------
     def learn_task(self, task_index: int, data: TaskData, n_seen: int) -> dict:
         cfg, model = self.cfg, self.model
+        start = time.perf_counter()  # learning time: training, freezing and the head, all of it
         seed = cfg.train.seed * 1000 + task_index
         torch.manual_seed(seed)
         if cfg.train.threads:
@@ -59,8 +75,8 @@ class AdapterLearner(Learner):
         n_old = model.head.num_outputs if self.setting == "class-il" else 0
         model.head.grow(n_seen - model.head.num_outputs)
         train = self.training_data(data)
-        before = (self._features(data) if model.analytic is not None and cfg.drift_compensation
-                  and not model.analytic.empty else None)
+        before = ([self._features(v) for v, _ in self._analytic_views(data)]
+                  if model.analytic is not None and cfg.drift_compensation and not model.analytic.empty else None)
         params = [p for p in model.parameters() if p.requires_grad]
         # a previous model exists: adapt slowly, so old classes' features drift little (SLCA's slow learner)
         lr = cfg.train.lr * (cfg.train.later_lr_scale if self.old is not None else 1.0)
@@ -70,8 +86,9 @@ class AdapterLearner(Learner):
                                                     pct_start=0.1)
         gen = torch.Generator().manual_seed(seed)
         y_all = torch.from_numpy(train.y).long()
+        p_drop = cfg.train.modality_dropout if len(train.taps) > 1 else 0.0
+        present_all = torch.from_numpy(train.presence()).float()
         lc = cfg.loss
-        start = time.perf_counter()
         model.train()
         for _ in range(cfg.train.epochs):
             order = torch.randperm(len(train), generator=gen).numpy()
@@ -80,7 +97,10 @@ class AdapterLearner(Learner):
                 if len(idx) < 2:
                     continue
                 taps, y = to_torch(train, idx), y_all[idx]
-                logits, out = model.training_logits(taps)
+                present = present_all[idx]
+                if p_drop:
+                    present = modality_dropout(present, p_drop, gen)
+                logits, out = model.training_logits(taps, present)
                 if lc.ce_scope == "task" and n_old:
                     loss = lc.ce * losses.classification(logits[:, n_old:], y - n_old)
                 else:
@@ -91,7 +111,7 @@ class AdapterLearner(Learner):
                     loss = loss + lc.align * losses.relaxed_alignment(out.per_modality, y, lc.align_temperature)
                 if self.old is not None and (lc.distill or lc.preserve):
                     with torch.no_grad():
-                        old_logits, old_out = self.old.training_logits(taps)
+                        old_logits, old_out = self.old.training_logits(taps, present)
                     if lc.distill and old_logits.shape[-1] > 0:
                         loss = loss + lc.distill * losses.distillation(logits, old_logits, lc.temperature)
                     if lc.preserve:
@@ -106,7 +126,6 @@ class AdapterLearner(Learner):
                 opt.step()
                 sched.step()
         model.eval()
-        train_seconds = time.perf_counter() - start
         newly_frozen = self._freeze_influential(data) if cfg.freeze.enabled else []
         if model.analytic is not None:
             self._update_analytic(data, before)
@@ -114,7 +133,7 @@ class AdapterLearner(Learner):
         self.old = copy.deepcopy(model).eval()
         for p in self.old.parameters():
             p.requires_grad_(False)
-        return {"train_seconds": train_seconds, "newly_frozen_experts": newly_frozen,
+        return {"train_seconds": time.perf_counter() - start, "newly_frozen_experts": newly_frozen,
                 "frozen_experts": model.encoder.frozen_experts()}
 
     @torch.no_grad()
@@ -137,24 +156,40 @@ class AdapterLearner(Learner):
         self.model.eval()
         parts = []
         for b in range(0, len(data), 256):
-            taps = to_torch(data, np.arange(b, min(b + 256, len(data))))
-            parts.append(self.model.features(taps, self.model.encoder(taps)))
+            idx = np.arange(b, min(b + 256, len(data)))
+            taps = to_torch(data, idx)
+            parts.append(self.model.features(taps, self.model.encoder(taps, presence(data, idx))))
         return torch.cat(parts)
 
+    def _analytic_views(self, data: TaskData) -> list[tuple[TaskData, float]]:
+        """What the ridge head's sums take in: every sample, and (with modality dropout) the same
+        samples with one modality missing, weighted by the dropout rate, so that the closed-form
+        head also answers well when a sensor drops out."""
+        views = [(data, 1.0)]
+        w = self.cfg.train.modality_dropout
+        if w > 0 and len(data.taps) > 1:
+            views += [(data.without(m), w) for m in data.taps]
+        return views
+
     @torch.no_grad()
-    def _update_analytic(self, data: TaskData, before: torch.Tensor | None) -> None:
+    def _update_analytic(self, data: TaskData, before: list[torch.Tensor] | None) -> None:
         """Carry the old sums through the adapters' drift on this task, add this task, re-solve."""
-        head, after = self.model.analytic, self._features(data)
+        head, views = self.model.analytic, self._analytic_views(data)
+        after = [self._features(v) for v, _ in views]
         if before is not None:
-            head.transform(fit_drift_map(before, after, self.model.fixed_feature_dim()))
-        head.update(after, torch.from_numpy(data.y).long())
+            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), self.model.fixed_feature_dim()))
+        y = torch.from_numpy(data.y).long()
+        for f, (_, weight) in zip(after, views):
+            head.update(f, y, weight)
         head.solve()
 
     @torch.no_grad()
     def logits(self, data: TaskData) -> np.ndarray:
         self.model.eval()
-        outs = [self.model(to_torch(data, np.arange(b, min(b + 512, len(data)))))[0]
-                for b in range(0, len(data), 512)]
+        outs = []
+        for b in range(0, len(data), 512):
+            idx = np.arange(b, min(b + 512, len(data)))
+            outs.append(self.model(to_torch(data, idx), presence(data, idx))[0])
         return torch.cat(outs).numpy()
 
     def predict(self, data: TaskData) -> np.ndarray:

@@ -8,22 +8,45 @@ import numpy as np
 
 @dataclass
 class TaskData:
-    """Cached taps of a set of samples and their labels as head indices (order of arrival)."""
+    """Cached taps of a set of samples and their labels as head indices (order of arrival).
+
+    ``present`` marks which modalities each sample has (``[N, M]``, in ``taps`` order; None = all).
+    An absent modality's taps are zeros, as the runtime feeds them.
+    """
 
     taps: dict[str, list[np.ndarray]]   # modality -> one [N, tokens, dim] array per tap
     y: np.ndarray                       # [N] head indices
+    present: np.ndarray | None = None   # [N, M] 1 = the modality was there
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def presence(self) -> np.ndarray:
+        return np.ones((len(self.y), len(self.taps)), np.float32) if self.present is None else self.present
+
     def subset(self, idx) -> "TaskData":
-        return TaskData({m: [t[idx] for t in ts] for m, ts in self.taps.items()}, self.y[idx])
+        return TaskData({m: [t[idx] for t in ts] for m, ts in self.taps.items()}, self.y[idx],
+                        None if self.present is None else self.present[idx])
+
+    def only(self, modalities: list[str]) -> "TaskData":
+        """The same samples seen through some of the modalities."""
+        keep = [i for i, m in enumerate(self.taps) if m in modalities]
+        return TaskData({m: ts for m, ts in self.taps.items() if m in modalities}, self.y,
+                        None if self.present is None else self.present[:, keep])
+
+    def without(self, modality: str) -> "TaskData":
+        """The same samples with one modality missing (its taps zeroed, marked absent)."""
+        present = self.presence().copy()
+        present[:, list(self.taps).index(modality)] = 0.0
+        taps = {m: ([np.zeros_like(t) for t in ts] if m == modality else ts) for m, ts in self.taps.items()}
+        return TaskData(taps, self.y, present)
 
     @staticmethod
     def concat(parts: list["TaskData"]) -> "TaskData":
         mods = parts[0].taps
         taps = {m: [np.concatenate([p.taps[m][i] for p in parts]) for i in range(len(mods[m]))] for m in mods}
-        return TaskData(taps, np.concatenate([p.y for p in parts]))
+        present = None if all(p.present is None for p in parts) else np.concatenate([p.presence() for p in parts])
+        return TaskData(taps, np.concatenate([p.y for p in parts]), present)
 
 
 class Learner:

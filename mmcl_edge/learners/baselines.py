@@ -14,7 +14,7 @@ from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.model import MMCLModel
 
 PLAIN_TRAINING = {"loss.distill": 0.0, "loss.preserve": 0.0, "loss.align": 0.0, "freeze.enabled": False,
-                  "head": "linear", "train.later_lr_scale": 1.0}
+                  "head": "linear", "train.later_lr_scale": 1.0, "train.modality_dropout": 0.0}
 
 
 class FinetuneLearner(AdapterLearner):
@@ -160,7 +160,7 @@ class SimpleCILLearner(FrozenFeatureLearner):
 
 
 class RidgeLearner(FrozenFeatureLearner):
-    """RanPAC-style: optional fixed random ReLU projection, closed-form streaming ridge head."""
+    """Closed-form streaming ridge head on the frozen features (optionally randomly projected)."""
 
     name = "ridge"
 
@@ -169,8 +169,16 @@ class RidgeLearner(FrozenFeatureLearner):
         self.head: StreamingRidgeHead | None = None
         self.projection: torch.Tensor | None = None
 
+    @property
+    def projection_width(self) -> int:
+        return self.cfg.baselines.random_projection
+
+    @property
+    def ridge(self) -> float:
+        return self.cfg.baselines.ridge
+
     def _project(self, f: torch.Tensor) -> torch.Tensor:
-        width = self.cfg.baselines.random_projection
+        width = self.projection_width
         if not width:
             return f
         if self.projection is None:
@@ -184,7 +192,7 @@ class RidgeLearner(FrozenFeatureLearner):
         start = time.perf_counter()
         f = self._project(self.features(data))
         if self.head is None:
-            self.head = StreamingRidgeHead(f.shape[1], self.n_classes, self.cfg.baselines.ridge)
+            self.head = StreamingRidgeHead(f.shape[1], self.n_classes, self.ridge)
         self.head.update(f, torch.from_numpy(data.y).long())
         self.head.solve()
         return {"train_seconds": time.perf_counter() - start}
@@ -194,23 +202,53 @@ class RidgeLearner(FrozenFeatureLearner):
             return self.head(self._project(self.features(data))).argmax(dim=1).numpy()
 
 
-class SingleModalityLearner(Learner):
-    """Ablation: any learner restricted to one modality's taps."""
+class RanPACLearner(RidgeLearner):
+    """RanPAC (McDonnell et al., 2023) without its first-session adapter training: a fixed random
+    ReLU projection of the frozen features to a wide space, then the streaming ridge head. The
+    strongest published rehearsal-free learner on a frozen pre-trained model."""
 
-    def __init__(self, inner_factory, modality: str, modality_taps, *args):
-        self.modality = modality
-        self.inner = inner_factory({modality: modality_taps[modality]}, *args)
-        self.name = f"{self.inner.name}-{modality}-only"
+    name = "ranpac"
 
-    def _only(self, data: TaskData) -> TaskData:
-        return TaskData({self.modality: data.taps[self.modality]}, data.y)
+    @property
+    def projection_width(self) -> int:
+        return self.cfg.baselines.ranpac_projection
+
+    @property
+    def ridge(self) -> float:
+        return self.cfg.baselines.ranpac_ridge
+
+
+class RawRidgeLearner(RidgeLearner):
+    """No pre-trained model at all: the streaming ridge head on the raw signals, resampled and
+    z-scored (each modality's ``raw`` encoding). What a practitioner tries first."""
+
+    name = "raw-ridge"
+    encoding = "raw"  # the benchmark feeds this learner taps of the raw encoding
+
+    @property
+    def projection_width(self) -> int:
+        return 0
+
+
+class SubsetLearner(Learner):
+    """Ablation: any learner restricted to some of the modalities (one alone, or a pair)."""
+
+    def __init__(self, inner_factory, modalities: list[str], modality_taps, *args):
+        self.modalities = list(modalities)
+        self.inner = inner_factory({m: modality_taps[m] for m in self.modalities}, *args)
+        self.name = subset_name(self.inner.name, self.modalities)
 
     def learn_task(self, task_index: int, data: TaskData, n_seen: int) -> dict:
-        return self.inner.learn_task(task_index, self._only(data), n_seen)
+        return self.inner.learn_task(task_index, data.only(self.modalities), n_seen)
 
     def predict(self, data: TaskData) -> np.ndarray:
-        return self.inner.predict(self._only(data))
+        return self.inner.predict(data.only(self.modalities))
+
+
+def subset_name(method: str, modalities: list[str]) -> str:
+    """``mmcl-imu-only`` for one modality, ``mmcl-imu+depth`` for several."""
+    return f"{method}-{modalities[0]}-only" if len(modalities) == 1 else f"{method}-{'+'.join(modalities)}"
 
 
 BASELINES = {cls.name: cls for cls in (FinetuneLearner, LwFLearner, EWCLearner, ReplayLearner, SimpleCILLearner,
-                                       RidgeLearner, JointLearner)}
+                                       RidgeLearner, RanPACLearner, RawRidgeLearner, JointLearner)}
