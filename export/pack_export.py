@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
-from mmcl_edge.runtime.pack import (CURRENT_FILE, MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, WEIGHTS_FILE,
-                                    pack_digest)
+from mmcl_edge.runtime.pack import (CURRENT_FILE, MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT,
+                                    WEIGHTS_FILE, pack_digest)
 
 
 class PackGraph(nn.Module):
-    """The model with flat tap inputs (ONNX has no dict inputs), in ``encoder.input_names()`` order."""
+    """The model with flat inputs (ONNX has no dict inputs): the taps in ``encoder.input_names()``
+    order, then ``present`` ([B, M], 1 where the sample has the modality; an absent one's taps are
+    zeros)."""
 
     def __init__(self, model):
         super().__init__()
@@ -38,7 +40,7 @@ class PackGraph(nn.Module):
         for m, n in self.layout:
             taps[m] = list(flat[i:i + n])
             i += n
-        logits, out = self.model(taps)
+        logits, out = self.model(taps, flat[i])
         return logits, out.fused
 
 
@@ -61,8 +63,10 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
     folder.mkdir(parents=True)
     model = model.eval()
     inputs = pack_inputs(model)
-    example = tuple(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs)
-    export_onnx(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs], ["logits", "fused"])
+    modalities = list(model.encoder.modality_taps)
+    example = (*(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs), torch.ones(2, len(modalities)))
+    export_onnx(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs] + [PRESENT_INPUT],
+                ["logits", "fused"])
     save_file(model.inference_state(), str(folder / WEIGHTS_FILE),
               metadata={"description": json.dumps(model.describe())})
     files = {name: sha256_file(folder / name) for name in (ONNX_FILE, WEIGHTS_FILE)}
@@ -74,6 +78,7 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
         "classes": [int(c) for c in classes],
         "label_names": [str(n) for n in label_names],
         "inputs": inputs,
+        "modalities": modalities,
         "outputs": {"logits": [None, len(classes)], "fused": [None, model.encoder.cfg.width]},
         "preprocess": preprocess,
         "backbones": backbones,

@@ -52,6 +52,11 @@ class BackboneSet:
     def preprocess(self, modality: str, samples) -> np.ndarray:
         return preprocess_batch(samples, self.specs[modality])
 
+    def absent(self, modality: str, batch: int) -> dict[str, np.ndarray]:
+        """What an absent modality feeds the pack: zero taps (the learner trains with the same)."""
+        return {f"{modality}__{t['name']}": np.zeros((batch, t["tokens"], t["dim"]), np.float32)
+                for t in self.index[modality]["taps"]}
+
     def run(self, modality: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed batch -> ``{"<modality>__<tap>": [B, tokens, dim]}``."""
         outs = self._runners[modality](batch)

@@ -16,6 +16,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "pack.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 CURRENT_FILE = "current"
+PRESENT_INPUT = "present"   # [B, M] graph input: 1 where a sample has the modality (packs since v0.2)
 
 # key -> type the manifest must hold
 REQUIRED = {"schema": str, "version": int, "task": int, "setting": str, "classes": list, "label_names": list,
@@ -78,7 +79,9 @@ class Pack:
     folder: Path
     manifest: dict
     session: object
-    input_names: list[str]
+    input_names: list[str]          # the taps the graph reads
+    modalities: list[str]           # order of the ``present`` columns
+    handles_missing: bool = False   # the graph has a ``present`` input (a modality may be absent)
 
     @property
     def version(self) -> int:
@@ -88,8 +91,14 @@ class Pack:
     def label_names(self) -> list[str]:
         return self.manifest["label_names"]
 
-    def run(self, taps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        logits, fused = self.session.run(["logits", "fused"], {n: taps[n] for n in self.input_names})
+    def run(self, taps: dict[str, np.ndarray], present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and fused embedding; ``present`` ([B, M] in ``modalities`` order) defaults to all."""
+        feeds = {n: taps[n] for n in self.input_names}
+        if self.handles_missing:
+            batch = len(next(iter(feeds.values())))
+            feeds[PRESENT_INPUT] = (np.ones((batch, len(self.modalities)), np.float32) if present is None
+                                    else np.ascontiguousarray(present, dtype=np.float32))
+        logits, fused = self.session.run(["logits", "fused"], feeds)
         return logits, fused
 
 
@@ -114,11 +123,16 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         raise PackRejected(f"{folder}: {ONNX_FILE} cannot be loaded by onnxruntime ({exc})") from None
     names = [i.name for i in session.get_inputs()]
-    if sorted(names) != sorted(d["name"] for d in expected):
+    handles_missing = PRESENT_INPUT in names
+    tap_names = [n for n in names if n != PRESENT_INPUT]
+    if sorted(tap_names) != sorted(d["name"] for d in expected):
         raise PackRejected(f"{folder}: the ONNX graph's inputs {names} are not the declared ones")
     if {o.name for o in session.get_outputs()} != {"logits", "fused"}:
         raise PackRejected(f"{folder}: the ONNX graph must output 'logits' and 'fused'")
-    pack = Pack(folder, manifest, session, names)
+    modalities = manifest.get("modalities") or list(backbones)
+    if handles_missing and sorted(modalities) != sorted(backbones):
+        raise PackRejected(f"{folder}: its modalities {modalities} are not the backbones' {list(backbones)}")
+    pack = Pack(folder, manifest, session, tap_names, list(modalities), handles_missing)
     _warm_up(pack, backbones)
     return pack
 
@@ -130,10 +144,15 @@ def _warm_up(pack: Pack, backbones: dict[str, dict]) -> None:
             for m, e in backbones.items() for t in e["taps"]}
     try:
         logits, fused = pack.run(taps)
+        if pack.handles_missing and len(pack.modalities) > 1:  # a sample missing its first modality
+            present = np.ones((2, len(pack.modalities)), np.float32)
+            present[0, 0] = 0.0
+            more = pack.run(taps, present)
+            logits, fused = np.concatenate([logits, more[0]]), np.concatenate([fused, more[1]])
     except Exception as exc:
         raise PackRejected(f"{pack.folder}: warm-up inference failed ({exc})") from None
     n = len(pack.manifest["classes"])
-    if logits.shape != (2, n):
-        raise PackRejected(f"{pack.folder}: warm-up logits have shape {logits.shape}, expected (2, {n})")
+    if logits.shape[1:] != (n,):
+        raise PackRejected(f"{pack.folder}: warm-up logits have shape {logits.shape[1:]} per batch, expected ({n},)")
     if not (np.isfinite(logits).all() and np.isfinite(fused).all()):
         raise PackRejected(f"{pack.folder}: warm-up inference gave non-finite outputs")

@@ -21,7 +21,9 @@ from mmcl_edge.runtime.errors import InputError, PackRejected, RuntimeUserError
 from mmcl_edge.runtime.pack import CURRENT_FILE, Pack, load_pack
 
 # raw sample dimensions per kind: a sample has this many axes, a batch one more
-SAMPLE_NDIM = {"audio": 1, "vector": 1, "timeseries": 2, "image": 2}
+SAMPLE_NDIM = {"audio": 1, "vector": 1, "timeseries": 2, "image": 2, "video": 3}
+# kinds whose sample may carry one more, trailing colour axis of 1, 3 or 4 channels
+COLOUR_KINDS = ("image", "video")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Prediction:
     probabilities: np.ndarray      # [B, C]
     pack_version: int              # the one pack that produced every number here
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, backbone, pack, total
+    modalities: list[str] = field(default_factory=list)         # the modalities this answer used
 
 
 @dataclass
@@ -136,23 +139,31 @@ class Runtime:
         self.stop()
 
     # inference ------------------------------------------------------------------------------
-    def _as_batch(self, inputs: dict) -> tuple[dict[str, list], bool]:
+    def _as_batch(self, inputs: dict, pack: Pack) -> tuple[dict[str, list], bool]:
+        """``{modality: sample or batch}`` -> lists of samples. A modality may be left out (a sensor
+        that dropped out) when the pack handles absent modalities; at least one must be given."""
         mods = self.backbones.modalities
+        if not isinstance(inputs, dict):
+            raise InputError(f"inputs must be a dict {{modality: array}} over {mods}, got {type(inputs).__name__}")
         unknown = sorted(set(inputs) - set(mods))
-        missing = [m for m in mods if m not in inputs]
-        if unknown or missing:
-            raise InputError(f"inputs must be exactly the modalities {mods}; "
-                             + (f"missing {missing} " if missing else "") + (f"unknown {unknown}" if unknown else ""))
+        given = [m for m in mods if m in inputs and inputs[m] is not None]
+        if unknown or not given:
+            raise InputError(f"inputs must name some of the modalities {mods}; "
+                             + (f"unknown {unknown}" if unknown else "none was given"))
+        if len(given) < len(mods) and not pack.handles_missing:
+            raise InputError(f"pack v{pack.version:04d} needs every modality {mods} (missing "
+                             f"{[m for m in mods if m not in given]}); packs made since mmcl-edge 0.2 accept absent ones")
         batches, single = {}, None
-        for m in mods:
+        for m in given:
             x, kind = inputs[m], self.backbones.specs[m].kind
             if isinstance(x, (list, tuple)):
                 batches[m], is_single = [np.asarray(s) for s in x], False
             else:
                 x = np.asarray(x)
                 base = SAMPLE_NDIM[kind]
-                is_single = x.ndim == base or (kind == "image" and x.ndim == 3 and x.shape[-1] in (1, 3, 4))
-                if not is_single and x.ndim != base + 1 and not (kind == "image" and x.ndim == 4):
+                colour = kind in COLOUR_KINDS and x.ndim == base + 1 and x.shape[-1] in (1, 3, 4)
+                is_single = x.ndim == base or colour
+                if not is_single and x.ndim != base + 1 and not (kind in COLOUR_KINDS and x.ndim == base + 2):
                     raise InputError(f"{m} ({kind}): expected one sample with {base} axes or a batch with "
                                      f"{base + 1}, got shape {x.shape}")
                 batches[m] = [x] if is_single else list(x)
@@ -163,10 +174,14 @@ class Runtime:
         return batches, bool(single)
 
     def predict(self, inputs: dict) -> Prediction:
-        """``{modality: sample or batch}`` -> labels, scores and per-stage timings (one pack)."""
+        """``{modality: sample or batch}`` -> labels, scores and per-stage timings (one pack).
+
+        Only the given modalities' backbones run; an absent modality's taps are zeros and the pack
+        is told it is absent (``Prediction.modalities`` lists what was used).
+        """
         pack = self._pack                       # the one pack this request uses, start to end
         t0 = time.perf_counter()
-        batches, _ = self._as_batch(inputs)
+        batches, _ = self._as_batch(inputs, pack)
         try:
             pre = {m: self.backbones.preprocess(m, b) for m, b in batches.items()}
         except (ValueError, TypeError, IndexError) as exc:
@@ -175,8 +190,13 @@ class Runtime:
         taps: dict[str, np.ndarray] = {}
         for m, x in pre.items():
             taps.update(self.backbones.run(m, x))
+        batch = len(next(iter(pre.values())))
+        for m in self.backbones.modalities:
+            if m not in pre:
+                taps.update(self.backbones.absent(m, batch))
+        present = np.array([[float(m in pre) for m in pack.modalities]], np.float32).repeat(batch, axis=0)
         t2 = time.perf_counter()
-        logits, _ = pack.run(taps)
+        logits, _ = pack.run(taps, present)
         t3 = time.perf_counter()
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
@@ -184,7 +204,7 @@ class Runtime:
         idx = probs.argmax(axis=1)
         return Prediction([pack.label_names[i] for i in idx], idx, probs[np.arange(len(idx)), idx], probs,
                           pack.version, {"preprocess": 1e3 * (t1 - t0), "backbone": 1e3 * (t2 - t1),
-                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)})
+                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}, list(pre))
 
     def predict_taps(self, taps: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
         """Logits from precomputed taps (``<modality>__<tap>`` arrays) and the pack version used."""

@@ -46,10 +46,20 @@ def test_pack_onnx_logits_match_pytorch(avdigits_ws):
     pack = avdigits_ws.root / "packs" / (avdigits_ws.root / "current").read_text().strip()
     feeds = {f"{m}__{spec.name}": t for m, ts in data.taps.items()
              for spec, t in zip(src.backbones[m].taps, ts)}
+    feeds["present"] = np.ones((len(idx), len(data.taps)), np.float32)
     got_logits, got_fused = cpu_session(pack / "pack.onnx").run(["logits", "fused"], feeds)
     assert got_logits.shape == (len(idx), 10)
     assert np.max(np.abs(got_logits - logits.numpy())) <= 1e-4
     assert np.max(np.abs(got_fused - out.fused.numpy())) <= 1e-4
+    # a sensor dropped out: the audio taps are zeros and marked absent, in PyTorch and in the pack
+    present = torch.tensor([[0.0, 1.0]]).repeat(len(idx), 1)
+    zeroed = {m: ([torch.zeros_like(t) for t in ts] if m == "audio" else ts) for m, ts in taps.items()}
+    with torch.no_grad():
+        logits, _ = model(zeroed, present)
+    feeds = {k: (np.zeros_like(v) if k.startswith("audio__") else v) for k, v in feeds.items()}
+    feeds["present"] = present.numpy()
+    got_logits, _ = cpu_session(pack / "pack.onnx").run(["logits", "fused"], feeds)
+    assert np.max(np.abs(got_logits - logits.numpy())) <= 1e-4
 
 
 def test_runtime_agrees_with_pytorch_on_whole_test_set(avdigits_ws):
