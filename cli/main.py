@@ -26,23 +26,22 @@ DEFAULT_WORKSPACE = Path("mmcl-workspace")
 
 
 def user_errors(fn):
-    """Turn the errors a user can cause into one plain message and exit code 2 (no traceback)."""
+    """Turn the errors a user can cause (``MMCLError``, and a disk that refuses a write) into one
+    plain message and exit code 2; anything else is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mmcl_edge.data import DataFormatError
-        from mmcl_edge.workspace import WorkspaceError
+        from mmcl_edge.errors import MMCLError
+        from mmcl_edge.runtime.layout import STORAGE_ERRNOS
         try:
             return fn(*args, **kwargs)
-        except (DataFormatError, WorkspaceError, KeyError, FileNotFoundError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            err.print(f"[bold red]error:[/] {msg}")
+        except MMCLError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2)
-        except Exception as exc:
-            from mmcl_edge.runtime.errors import RuntimeUserError
-            if isinstance(exc, RuntimeUserError):
-                err.print(f"[bold red]error:[/] {exc}")
-                raise typer.Exit(2)
-            raise
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            err.print(f"[bold red]error:[/] cannot write {exc.filename or ''}: {os.strerror(exc.errno)}", highlight=False)
+            raise typer.Exit(2)
     return wrapper
 
 
@@ -80,7 +79,8 @@ def parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         if "=" not in item:
-            raise KeyError(f"--set expects key=value (e.g. loss.align=0), got {item!r}")
+            from mmcl_edge.errors import ConfigError
+            raise ConfigError(f"--set expects key=value (e.g. loss.align=0), got {item!r}")
         k, v = item.split("=", 1)
         try:
             overrides[k.strip()] = json.loads(v)
@@ -103,7 +103,11 @@ def learn(
     force: bool = typer.Option(False, help="Re-learn a task that is already learned (drops later tasks' states)."),
     seed: int = typer.Option(0, help="Seed for the class order, pairing and training."),
     epochs: Optional[int] = typer.Option(None, help="Adapter training epochs per task."),
-    set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. loss.align=0 or head=linear."),
+    set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. loss.align=0 or head=linear. "
+                                                     "On an existing workspace: applies from the next task on "
+                                                     "(recorded in workspace.json)."),
+    signing_key: Optional[Path] = typer.Option(None, help="Ed25519 private key (from 'mmcl-edge keys new') to sign "
+                                                          "every pack with; remembered in workspace.json."),
 ):
     """Learn tasks of a stream on the device: taps are extracted once, only adapters + head train."""
     from mmcl_edge.cli.progress import progress_bar
@@ -120,7 +124,24 @@ def learn(
               "data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
               "setting": setting if data else None, "classes_per_task": classes_per_task if data else None,
               "seed": seed}
+    existed = (workspace.expanduser() / "workspace.json").is_file()
     ws = Workspace.open_or_create(workspace, source, LearnConfig().override(overrides))
+    ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
+    if existed:
+        given = {k: v for k, v in overrides.items() if k != "train.seed"}  # the seed is part of the source
+        with ws.lock("learn"):
+            changed = ws.apply_overrides(given)
+        if changed:
+            err.print(f"config: {', '.join(f'{k}={v!r}' for k, v in changed.items())} applies from task "
+                      f"{ws.learned_tasks()} on (recorded in workspace.json)", highlight=False)
+    if signing_key is not None:
+        from mmcl_edge.runtime.trust import load_private_key
+        from mmcl_edge.workspace import write_json_atomic
+
+        load_private_key(signing_key)  # refuse an unreadable key now, not after a task is learned
+        ws.meta["signing_key"] = str(signing_key.expanduser().resolve())
+        with ws.lock("learn"):
+            write_json_atomic(ws.root / "workspace.json", ws.meta)
     sc = ws.scenario()
     err.print(f"[bold]{sc.name}[/] ({sc.setting}): {len(sc.tasks)} tasks, modalities "
               f"{', '.join(f'{m} ({s.kind})' for m, s in sc.specs.items())}; workspace {ws.root}")
@@ -144,6 +165,7 @@ def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-
     from mmcl_edge.workspace import Workspace
 
     ws = Workspace.open(workspace)
+    ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
     if data_dir:
         ws.meta["source"]["data_dir"] = str(data_dir.expanduser().resolve())
     print_report(ws.evaluate(progress=progress_bar))
@@ -159,29 +181,31 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
            fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it.")):
     """Export the workspace's frozen backbones to ONNX (once) and publish the latest pack if missing."""
     from mmcl_edge.export.backbone_export import ensure_backbones, read_index, verify_index
-    from mmcl_edge.export.pack_export import publish_pack
     from mmcl_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
     from mmcl_edge.runtime.tensorrt_backend import tensorrt_available
     from mmcl_edge.workspace import Workspace
 
+    from mmcl_edge.errors import WorkspaceError
+
     ws = Workspace.open(workspace)
-    index = read_index(ws.root / "backbones")
-    if force or not index["modalities"] or verify_index(ws.root / "backbones"):
-        sc, src = ws.scenario(), ws.tap_source()
-        index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs, force=force, log=err.print)
-    problems = verify_index(ws.root / "backbones")
-    if problems:
-        raise KeyError("; ".join(problems))
-    t = Table(title=f"Backbones in {ws.root / 'backbones'}")
-    for c in ("modality", "backbone", "identity", "onnx sha256", "taps"):
-        t.add_column(c)
-    for m, e in index["modalities"].items():
-        t.add_row(m, e["name"], e["identity"], e["sha256"][:16], ", ".join(f"{x['name']} {x['tokens']}x{x['dim']}" for x in e["taps"]))
-    out.print(t)
-    done = ws.learned_tasks()
-    if done and not (ws.root / "current").is_file():
-        path = publish_pack(ws, done - 1, ws.load_model(done - 1))
-        out.print(f"published pack {path.name} (task {done - 1})")
+    ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
+    with ws.lock("export"):
+        index = read_index(ws.root / "backbones")
+        if force or not index["modalities"] or verify_index(ws.root / "backbones"):
+            sc, src = ws.scenario(), ws.tap_source()
+            index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs, force=force, log=err.print)
+        problems = verify_index(ws.root / "backbones")
+        if problems:
+            raise WorkspaceError("; ".join(problems))
+        t = Table(title=f"Backbones in {ws.root / 'backbones'}")
+        for c in ("modality", "backbone", "identity", "onnx sha256", "taps"):
+            t.add_column(c)
+        for m, e in index["modalities"].items():
+            t.add_row(m, e["name"], e["identity"], e["sha256"][:16], ", ".join(f"{x['name']} {x['tokens']}x{x['dim']}" for x in e["taps"]))
+        out.print(t)
+        for note in ws.recover():  # publishes the last learned task's pack when it is missing
+            if note.startswith("task") and "published" in note:
+                out.print(note)
     available, why = tensorrt_available()
     if tensorrt or (tensorrt is None and available):
         try:
@@ -200,13 +224,16 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
                                              help="A .npz in the generic format (x_<modality> arrays), or "
                                                   "MODALITY=FILE per modality (.wav, .png/.jpg, .npy, .csv)."),
             provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
-            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+            trusted_key: list[Path] = typer.Option([], "--trusted-key",
+                                                   help="Ed25519 public key; serve only packs it signed (repeatable)."),
+            allow_downgrade: bool = typer.Option(False, help="With --trusted-key: allow a pack older than the serving one.")):
     """Predict with the torch-free runtime from the workspace's current pack."""
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.errors import InputError
     from mmcl_edge.runtime.inputs import read_npz, read_sample
 
-    rt = Runtime(workspace, providers=provider)
+    rt = Runtime(workspace, providers=provider, trusted_keys=list(trusted_key) or None, allow_downgrade=allow_downgrade)
     mods = rt.backbones.modalities
     if len(input_) == 1 and input_[0].lower().endswith(".npz") and "=" not in input_[0]:
         inputs = read_npz(Path(input_[0]), mods)
@@ -216,11 +243,18 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
             if "=" not in item:
                 raise InputError(f"--input {item!r}: use MODALITY=FILE (modalities: {', '.join(mods)}) or one .npz")
             m, f = item.split("=", 1)
-            inputs[m.strip()] = read_sample(Path(f))
+            inputs[m.strip()] = read_sample(Path(f), rt.backbones.specs.get(m.strip()))
     p = rt.predict(inputs)
     if as_json:
-        out.print_json(json.dumps({"labels": p.labels, "scores": p.scores.tolist(), "pack_version": p.pack_version,
-                                   "timings_ms": p.timings_ms}))
+        def finite(v):  # JSON has no NaN/Infinity: a non-finite number is written as null
+            return v if np.isfinite(v) else None
+
+        import numpy as np
+
+        doc = {"labels": p.labels, "scores": [finite(float(v)) for v in p.scores], "pack_version": p.pack_version,
+               "timings_ms": {k: finite(float(v)) for k, v in p.timings_ms.items()},
+               "authenticated": rt.authenticated}
+        print(json.dumps(doc, allow_nan=False))
         return
     t = Table(title=f"Predictions (pack v{p.pack_version:04d})")
     for c in ("sample", "label", "score"):
@@ -239,11 +273,14 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     from mmcl_edge.runtime import providers as prov
     from mmcl_edge.runtime.pack import CURRENT_FILE, MANIFEST_FILE
 
+    from mmcl_edge.errors import WorkspaceError
+    from mmcl_edge.runtime.layout import read_json
+
     root = workspace.expanduser().resolve()
     meta_path = root / "workspace.json"
     if not meta_path.is_file():
-        raise KeyError(f"{root} is not a workspace (no workspace.json)")
-    meta = json.loads(meta_path.read_text())
+        raise WorkspaceError(f"{root} is not a workspace (no workspace.json)")
+    meta = read_json(meta_path, "the workspace description")
     src = meta["source"]
     out.print(f"[bold]workspace[/] {root}")
     out.print(f"data: {src.get('scenario') or src.get('data')}  head: {meta['config']['head']}")
@@ -256,8 +293,9 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     out.print(t)
     current = (root / CURRENT_FILE).read_text().strip() if (root / CURRENT_FILE).is_file() else None
     p = Table(title="Packs")
-    for c in ("pack", "task", "classes", "created", "size (KB)", "current"):
+    for c in ("pack", "task", "classes", "created", "size (KB)", "signed", "current"):
         p.add_column(c)
+    signed_any = False
     for d in sorted((root / "packs").glob("v[0-9]*")):
         try:
             man = json.loads((d / MANIFEST_FILE).read_text())
@@ -265,9 +303,18 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
             p.add_row(d.name, "?", "unreadable manifest", "", "", "")
             continue
         size = sum(f.stat().st_size for f in d.iterdir()) // 1024
+        signed = (d / "signature.json").is_file()
+        signed_any |= signed
         p.add_row(d.name, str(man.get("task")), " ".join(man.get("label_names", [])), man.get("created", ""),
-                  str(size), "yes" if d.name == current else "")
+                  str(size), "yes" if signed else "no", "yes" if d.name == current else "")
     out.print(p)
+    out.print(f"workspace id: {meta.get('workspace_id', '–')}")
+    if signed_any:
+        out.print("packs are signed: a runtime given the public key (--trusted-key / trusted_keys=) serves only "
+                  "packs signed by it")
+    else:
+        out.print("packs are not authenticated: they are checked for integrity only (anyone who can write the "
+                  "workspace can replace them); sign them with 'mmcl-edge keys new' + learn --signing-key")
     out.print(f"onnxruntime providers here: {', '.join(prov.available())}; chosen: {', '.join(prov.choose())}")
 
 
@@ -313,7 +360,8 @@ def bench_cl(
     chosen = groups.get(methods) or [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in known]
     if unknown:
-        raise KeyError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        from mmcl_edge.errors import ConfigError
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
     err.print(f"[bold]{first.name}[/]: {len(chosen)} methods x {seeds} seeds, {len(first.tasks)} tasks"
               + (" — validation split" if validation else ""))
 
@@ -340,7 +388,8 @@ def bench_cl(
         try:
             paths = write_plots(result, plot)
         except ImportError:
-            raise KeyError("--plot needs matplotlib: pip install 'mmcl-edge[plots]' (the JSON is written)") from None
+            from mmcl_edge.errors import ConfigError
+            raise ConfigError("--plot needs matplotlib: pip install 'mmcl-edge[plots]' (the JSON is written)") from None
         out.print(f"{len(paths)} plots in {plot}")
 
 
@@ -412,6 +461,21 @@ def bench_latency(
     out.print(t)
     out.print(f"pack size {result['pack_kb']} KB; swap (validate + warm + swap) p50 {result['swap_ms']['p50']:.0f} ms")
     out.print(f"results: {out_file}")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 keys for signed packs.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+@user_errors
+def keys_new(out_dir: Path = typer.Option(..., "--out", help="Folder for signing.key (mode 0600) and signing.pub.")):
+    """Make a signing key pair: learn with --signing-key DIR/signing.key, serve with --trusted-key DIR/signing.pub."""
+    from mmcl_edge.runtime.trust import key_id, load_public_key, new_keypair
+
+    private, public = new_keypair(out_dir)
+    out.print(f"private key {private} (keep it on the learning device only; mode 0600)")
+    out.print(f"public key  {public} (key id {key_id(load_public_key(public))}; give it to every runtime)")
 
 
 @data_app.command("download-fsdd")

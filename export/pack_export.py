@@ -5,9 +5,11 @@
     WS/packs/v0003/manifest.json        what the runtime validates before the pack may serve
     WS/current                          name of the pack to serve, replaced atomically
 
-A pack is written into a hidden temporary folder and renamed into place, then ``current`` is
-rewritten through a temporary file and ``os.replace``: a reader sees the old pack or the new one,
-never half of one.
+A pack is written into a hidden temporary folder, its files fsynced, signed when the workspace
+has a signing key (``WS/keys/signing.key`` or ``workspace.json``'s ``signing_key``), renamed into
+place, then ``current`` is rewritten atomically (``mmcl_edge.runtime.layout``): a reader sees the
+old pack or the new one, never half of one. The manifest carries the workspace id and the sha256
+of the task state the pack was built from (how recovery knows the pack of a task is published).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import torch
 from torch import nn
 
 from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
-from mmcl_edge.runtime.pack import (CURRENT_FILE, MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT,
-                                    WEIGHTS_FILE, pack_digest)
+from mmcl_edge.runtime import layout
+from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT, WEIGHTS_FILE, pack_digest
 
 
 class PackGraph(nn.Module):
@@ -50,8 +52,7 @@ def pack_inputs(model) -> list[dict]:
 
 
 def next_version(packs_dir: Path) -> int:
-    versions = [int(p.name[1:]) for p in packs_dir.glob("v[0-9]*") if p.name[1:].isdigit()]
-    return max(versions, default=-1) + 1
+    return layout.next_version(Path(packs_dir).parent)
 
 
 def export_pack(model, folder: Path, *, version: int, task: int, classes: list, label_names: list[str],
@@ -93,10 +94,19 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
 
 
 def set_current(root: Path, name: str) -> None:
-    """Point ``root/current`` at pack ``name`` atomically (write a temporary file, then rename)."""
-    tmp = Path(root) / f".{CURRENT_FILE}.tmp{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, Path(root) / CURRENT_FILE)
+    """Point ``root/current`` at pack ``name`` atomically (write a temporary file, fsync, rename)."""
+    layout.set_current(root, name)
+
+
+def signing_key_path(ws) -> Path | None:
+    """The workspace's signing key: ``workspace.json``'s ``signing_key``, else ``WS/keys/signing.key``."""
+    from mmcl_edge.runtime.trust import PRIVATE_KEY_FILE
+
+    configured = ws.meta.get("signing_key")
+    if configured:
+        return Path(configured)
+    default = ws.root / "keys" / PRIVATE_KEY_FILE
+    return default if default.is_file() else None
 
 
 def publish_pack(ws, task: int, model) -> Path:
@@ -106,17 +116,41 @@ def publish_pack(ws, task: int, model) -> Path:
     sc, src = ws.scenario(), ws.tap_source()
     index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs)
     classes = sc.classes_seen(task) if sc.setting == "class-il" else list(range(sc.num_classes))
-    packs = ws.root / "packs"
-    packs.mkdir(parents=True, exist_ok=True)
-    version = next_version(packs)
-    name = f"v{version:04d}"
-    tmp = packs / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_pack(model, tmp, version=version, task=task, classes=classes,
-                label_names=[sc.class_names[c] for c in classes], setting=sc.setting,
-                preprocess={m: s.to_dict() for m, s in sc.specs.items()},
-                backbones={m: e["identity"] for m, e in index["modalities"].items()},
-                extra={"scenario": sc.name})
-    os.replace(tmp, packs / name)
+    packs = ws.root / layout.PACKS_DIR
+    version = layout.next_version(ws.root)
+    name = layout.pack_name(version)
+    tmp = packs / f"{layout.TMP_PREFIX}{name}.partial"
+    key = signing_key_path(ws)
+    weights = ws.state_paths(task)[0]
+    try:
+        packs.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = export_pack(model, tmp, version=version, task=task, classes=classes,
+                               label_names=[sc.class_names[c] for c in classes], setting=sc.setting,
+                               preprocess={m: s.to_dict() for m, s in sc.specs.items()},
+                               backbones={m: e["identity"] for m, e in index["modalities"].items()},
+                               extra={"scenario": sc.name, "workspace_id": ws.meta.get("workspace_id"),
+                                      "state_sha256": sha256_file(weights) if weights.is_file() else None})
+        if key is not None:
+            from mmcl_edge.runtime.trust import sign_pack
+
+            sign_pack(tmp, manifest, key)
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        layout.fsync_dir(tmp)
+        os.replace(tmp, packs / name)
+        layout.fsync_dir(packs)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in layout.STORAGE_ERRNOS:
+            raise layout.storage_error(exc, packs / name) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     set_current(ws.root, name)
     return packs / name

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
+
+from mmcl_edge.errors import ConfigError
 
 
 @dataclass
@@ -99,20 +102,114 @@ class LearnConfig:
             *path, leaf = key.split(".")
             for p in path:
                 if p not in node or not isinstance(node[p], dict):
-                    raise KeyError(f"unknown config key {key!r}")
+                    raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known_keys())}")
                 node = node[p]
-            if leaf not in node:
-                raise KeyError(f"unknown config key {key!r}")
-            node[leaf] = type(node[leaf])(value) if node[leaf] is not None and not isinstance(value, type(node[leaf])) else value
+            if leaf not in node or isinstance(node[leaf], dict):
+                raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known_keys())}")
+            node[leaf] = value  # checked and coerced by from_dict (strict: "False" is False, "yes" is refused)
         return LearnConfig.from_dict(d)
 
 
-def _build(cls, d: dict[str, Any]):
+# Allowed values, checked on load (workspace.json, from_dict) and on --set.
+CHOICES = {"head": ("analytic", "linear"), "loss.ce_scope": ("all", "task")}
+RANGES = {  # key: (low, high, low inclusive); None = unbounded
+    "encoder.width": (1, 65536, True), "encoder.experts": (1, 1024, True), "encoder.top_k": (1, 1024, True),
+    "encoder.bottleneck": (1, 65536, True), "encoder.depths": (1, 64, True), "encoder.dropout": (0.0, 1.0, True),
+    "loss.temperature": (0.0, None, False), "loss.align_temperature": (0.0, None, False),
+    "freeze.per_task": (0, None, True), "freeze.min_plastic": (0, None, True), "freeze.mass_weight": (0.0, 1.0, True),
+    "train.epochs": (0, 100000, True), "train.batch_size": (1, 1 << 20, True), "train.lr": (0.0, None, False),
+    "train.weight_decay": (0.0, None, True), "train.seed": (0, 2 ** 32 - 1, True), "train.threads": (0, 4096, True),
+    "train.later_lr_scale": (0.0, None, True), "baselines.ewc_lambda": (0.0, None, True),
+    "baselines.buffer_size": (0, None, True), "baselines.random_projection": (0, None, True),
+    "baselines.ridge": (0.0, None, True), "ridge": (0.0, None, True), "fused_weight": (0.0, None, True),
+}
+NON_NEGATIVE_PREFIX = ("loss.",)  # loss weights: 0 switches a term off, negative is never meant
+
+
+def known_keys(cls=None, prefix: str = "") -> list[str]:
+    cls = cls or LearnConfig
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+        keys += known_keys(type(sub), f"{prefix}{f.name}.") if is_dataclass(sub) else [prefix + f.name]
+    return keys
+
+
+def _coerce(key: str, kind: str, value):
+    """``value`` as the field's type, strictly: no truthiness, no silent truncation."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, not {value!r}")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        try:
+            v = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, not {value!r}")
+        return v
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def _check_value(key: str, value) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
+    low, high, inclusive = RANGES.get(key, (0.0 if key.startswith(NON_NEGATIVE_PREFIX) and isinstance(value, float)
+                                            else None, None, True))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and (value < low or (value == low and not inclusive)):
+            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {low}, not {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"{key} must be <= {high}, not {value!r}")
+
+
+def _build(cls, d: dict[str, Any], prefix: str = ""):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'config'} must be a mapping, not {d!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: "
+                          f"{', '.join(known_keys(cls, prefix))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in d:
             continue
         value = d[f.name]
         sub = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
-        kwargs[f.name] = _build(type(sub), value) if is_dataclass(sub) and isinstance(value, dict) else value
-    return cls(**kwargs)
+        key = prefix + f.name
+        if is_dataclass(sub):
+            kwargs[f.name] = _build(type(sub), value, key + ".")
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        value = _coerce(key, kind, value)
+        _check_value(key, value)
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    if cls is EncoderConfig and obj.top_k > obj.experts:
+        raise ConfigError(f"encoder.top_k ({obj.top_k}) cannot exceed encoder.experts ({obj.experts})")
+    return obj

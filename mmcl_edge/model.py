@@ -87,12 +87,15 @@ class MMCLModel(nn.Module):
                     fused_weight=d.get("fused_weight", 2.0))
         return model
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What ``save`` writes: the ridge sums are float64 in memory but float32 on disk (ample precision)."""
+        return {k: (v.float() if v.dtype == torch.float64 else v).detach().contiguous()
+                for k, v in self.state_dict().items()}
+
     def save(self, weights: Path, meta: Path, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
 
-        # the ridge sums are float64 in memory but float32 on disk: half the size, ample precision
-        save_file({k: (v.float() if v.dtype == torch.float64 else v).detach().contiguous()
-                   for k, v in self.state_dict().items()}, str(weights))
+        save_file(self.state_tensors(), str(weights))
         meta.write_text(json.dumps({**self.describe(), **(extra or {})}, indent=2))
 
     @classmethod

@@ -1,13 +1,7 @@
-"""Errors the runtime reports in plain words (the CLI prints them without a traceback)."""
+"""Errors the runtime reports in plain words (the CLI prints them without a traceback).
 
+The classes live in ``mmcl_edge.errors`` (one hierarchy for the whole package, torch-free).
+"""
+from mmcl_edge.errors import InputError, MMCLError, PackRejected, RuntimeUserError
 
-class RuntimeUserError(RuntimeError):
-    """Something about the workspace, a pack or an input that the user can fix."""
-
-
-class PackRejected(RuntimeUserError):
-    """A pack failed validation; the pack that was serving keeps serving."""
-
-
-class InputError(RuntimeUserError, ValueError):
-    """An input given to ``predict`` does not fit the loaded modalities."""
+__all__ = ["MMCLError", "RuntimeUserError", "PackRejected", "InputError"]

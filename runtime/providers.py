@@ -45,4 +45,5 @@ def session(path, providers: list[str], threads: int = 0) -> ort.InferenceSessio
     # Idle onnxruntime threads spin-wait by default; on a small edge CPU they then steal the cores
     # that numpy preprocessing and the other session (backbone vs pack) need between runs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    # bytes: a graph already read and checked (packs), so the file cannot change in between
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts, providers=providers)

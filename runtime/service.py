@@ -7,6 +7,8 @@ lock. onnxruntime sessions are safe to call from several threads at once.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 from concurrent.futures import Future
 import time
@@ -15,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcl_edge.runtime import layout
 from mmcl_edge.runtime import providers as prov
+from mmcl_edge.runtime import validation
 from mmcl_edge.runtime.backbones import BackboneSet
 from mmcl_edge.runtime.errors import InputError, PackRejected, RuntimeUserError
-from mmcl_edge.runtime.pack import CURRENT_FILE, Pack, load_pack
-
-# raw sample dimensions per kind: a sample has this many axes, a batch one more
-SAMPLE_NDIM = {"audio": 1, "vector": 1, "timeseries": 2, "image": 2, "video": 3}
-# kinds whose sample may carry one more, trailing colour axis of 1, 3 or 4 channels
-COLOUR_KINDS = ("image", "video")
+from mmcl_edge.runtime.pack import Pack, PackPolicy, load_pack
+from mmcl_edge.runtime.validation import SAMPLE_NDIM, Limits  # noqa: F401  (SAMPLE_NDIM: kept importable here)
 
 
 @dataclass
@@ -45,15 +45,36 @@ class Rejection:
 
 
 class Runtime:
-    """Backbones loaded once from ``WS/backbones``; packs from ``WS/packs`` swapped in live."""
+    """Backbones loaded once from ``WS/backbones``; packs from ``WS/packs`` swapped in live.
+
+    Trust: ``trusted_keys`` (Ed25519 public keys: PEM paths, bytes or key objects) makes the
+    runtime serve only packs signed by one of them, of this workspace (``workspace_id``, read from
+    ``WS/workspace.json`` when not given, else pinned by the first pack), and never older than the
+    serving one unless ``allow_downgrade``. Without keys packs are checked for integrity only.
+    Bounds: ``warmup_seconds`` per pack warm-up; ``limits`` (``validation.Limits``) per request.
+    """
 
     def __init__(self, workspace, providers: list[str] | str | None = None, threads: int = 0,
-                 pack: str | Path | None = None, use_tensorrt_engine: bool = True):
+                 pack: str | Path | None = None, use_tensorrt_engine: bool = True, *,
+                 trusted_keys=None, allow_downgrade: bool = False, workspace_id: str | None = None,
+                 warmup_seconds: float = 10.0, limits: Limits | None = None,
+                 allowed_ops=PackPolicy.allowed_ops):
         self.root = Path(workspace).expanduser().resolve()
         self.providers = prov.choose(providers)
         self.threads = threads
+        self.limits = limits or Limits()
+        keys = []
+        if trusted_keys:
+            from mmcl_edge.runtime.trust import load_public_key
+
+            keys = [load_public_key(k) for k in ([trusted_keys] if isinstance(trusted_keys, (str, Path, bytes))
+                                                 else trusted_keys)]
+        self.policy = PackPolicy(trusted_keys=keys, workspace_id=workspace_id or self._workspace_id(),
+                                 allow_downgrade=allow_downgrade, allowed_ops=allowed_ops,
+                                 warmup_seconds=warmup_seconds)
         self.backbones = BackboneSet(self.root / "backbones", self.providers, threads, use_tensorrt_engine)
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()
         self._pack: Pack | None = None
         self.rejections: list[Rejection] = []
         self._watcher: threading.Thread | None = None
@@ -65,13 +86,26 @@ class Runtime:
         self.swap(target)
 
     # packs ----------------------------------------------------------------------------------
+    def _workspace_id(self) -> str | None:
+        try:
+            return json.loads((self.root / layout.WORKSPACE_FILE).read_text()).get("workspace_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    @property
+    def authenticated(self) -> bool:
+        """True when packs must be signed by a trusted key."""
+        return bool(self.policy.trusted_keys)
+
     def _pointer(self) -> str | None:
-        path = self.root / CURRENT_FILE
-        return path.read_text().strip() if path.is_file() else None
+        """The pack name in WS/current: ``vNNNN`` naming a folder directly inside WS/packs (else PackRejected)."""
+        return layout.read_current(self.root)
 
     def _resolve(self, pack: str | Path) -> Path:
         p = Path(pack)
-        return p if p.is_absolute() or p.exists() else self.root / "packs" / str(pack)
+        if isinstance(pack, str) and layout.PACK_NAME.match(pack):
+            return self.root / layout.PACKS_DIR / pack
+        return p if p.is_absolute() or p.exists() else self.root / layout.PACKS_DIR / str(pack)
 
     @property
     def pack(self) -> Pack:
@@ -84,13 +118,18 @@ class Runtime:
         that was serving keeps serving.
         """
         folder = self._resolve(pack)
-        try:
-            new = load_pack(folder, self.backbones.index, self.providers, self.threads)
-        except PackRejected as exc:
-            self.rejections.append(Rejection(str(folder), str(exc), time.time()))
-            raise
-        with self._lock:
-            self._pack = new
+        with self._swap_lock:  # one validation at a time: the downgrade check sees the serving version
+            serving = self._pack
+            policy = dataclasses.replace(self.policy, min_version=serving.version if serving else None)
+            try:
+                new = load_pack(folder, self.backbones.index, self.providers, self.threads, policy)
+            except PackRejected as exc:
+                self.rejections.append(Rejection(str(folder), str(exc), time.time()))
+                raise
+            if self.policy.workspace_id is None and new.manifest.get("workspace_id"):
+                self.policy.workspace_id = new.manifest["workspace_id"]  # pinned by the first pack
+            with self._lock:
+                self._pack = new
         return new
 
     def swap_in_background(self, pack: str | Path) -> Future:
@@ -110,7 +149,10 @@ class Runtime:
         """Follow ``WS/current`` in a background thread and swap to each new pack it names."""
         if self._watcher is not None:
             return
-        self._seen_pointer = self._pointer()
+        try:
+            self._seen_pointer = (self.root / layout.CURRENT_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            self._seen_pointer = None
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, args=(poll_seconds,), name="mmcl-pack-watcher",
                                          daemon=True)
@@ -118,19 +160,34 @@ class Runtime:
 
     def _watch(self, poll_seconds: float) -> None:
         while not self._stop.wait(poll_seconds):
-            name = self._pointer()
-            if name and name != self._seen_pointer:
-                self._seen_pointer = name  # a rejected pack is not retried until the pointer moves
+            try:
+                raw = (self.root / layout.CURRENT_FILE).read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if raw and raw != self._seen_pointer:
+                self._seen_pointer = raw  # a rejected pack is not retried until the pointer moves
                 try:
-                    self.swap(name)
-                except PackRejected:
-                    pass
+                    self.swap(layout.check_pack_name(raw))
+                except PackRejected as exc:
+                    if not self.rejections or self.rejections[-1].reason != str(exc):
+                        self.rejections.append(Rejection(raw[:200], str(exc), time.time()))
+                except Exception as exc:  # the watcher must outlive anything a pack can do
+                    self.rejections.append(Rejection(raw[:200], f"swap failed: {exc!r}", time.time()))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the watcher; returns True when its thread has ended.
+
+        The watcher wakes at once; a swap it is validating finishes first (its warm-up is bounded
+        by ``warmup_seconds``), so the default wait is that budget plus a margin.
+        """
         self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=10)
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.join(timeout=self.policy.warmup_seconds + 30 if timeout is None else timeout)
+            if watcher.is_alive():
+                return False
             self._watcher = None
+        return True
 
     def __enter__(self) -> "Runtime":
         return self
@@ -142,9 +199,8 @@ class Runtime:
     def _as_batch(self, inputs: dict, pack: Pack) -> tuple[dict[str, list], bool]:
         """``{modality: sample or batch}`` -> lists of samples. A modality may be left out (a sensor
         that dropped out) when the pack handles absent modalities; at least one must be given."""
+        validation.check_container(inputs)
         mods = self.backbones.modalities
-        if not isinstance(inputs, dict):
-            raise InputError(f"inputs must be a dict {{modality: array}} over {mods}, got {type(inputs).__name__}")
         unknown = sorted(set(inputs) - set(mods))
         given = [m for m in mods if m in inputs and inputs[m] is not None]
         if unknown or not given:
@@ -156,17 +212,8 @@ class Runtime:
         batches, single = {}, None
         for m in given:
             x, kind = inputs[m], self.backbones.specs[m].kind
-            if isinstance(x, (list, tuple)):
-                batches[m], is_single = [np.asarray(s) for s in x], False
-            else:
-                x = np.asarray(x)
-                base = SAMPLE_NDIM[kind]
-                colour = kind in COLOUR_KINDS and x.ndim == base + 1 and x.shape[-1] in (1, 3, 4)
-                is_single = x.ndim == base or colour
-                if not is_single and x.ndim != base + 1 and not (kind in COLOUR_KINDS and x.ndim == base + 2):
-                    raise InputError(f"{m} ({kind}): expected one sample with {base} axes or a batch with "
-                                     f"{base + 1}, got shape {x.shape}")
-                batches[m] = [x] if is_single else list(x)
+            batches[m], is_single = validation.split(m, kind, x)  # layouts, dtypes, None: runtime/validation.py
+            validation.check_batch(m, kind, batches[m], self.backbones.specs[m], self.limits)
             single = is_single if single is None else single and is_single
         sizes = {m: len(b) for m, b in batches.items()}
         if len(set(sizes.values())) != 1 or 0 in sizes.values():
@@ -198,6 +245,10 @@ class Runtime:
         t2 = time.perf_counter()
         logits, _ = pack.run(taps, present)
         t3 = time.perf_counter()
+        if not np.isfinite(logits).all():
+            bad = int(np.flatnonzero(~np.isfinite(logits).all(axis=1))[0])
+            raise RuntimeUserError(f"pack v{pack.version:04d} gave non-finite scores for sample {bad}; "
+                                   "nothing is answered for this request")
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -216,4 +267,6 @@ class Runtime:
         return {"workspace": str(self.root), "providers": self.providers,
                 "available_providers": prov.available(), "backbones": self.backbones.backends,
                 "pack": {"version": pack.version, "task": pack.manifest["task"], "folder": str(pack.folder),
-                         "classes": pack.label_names}}
+                         "classes": pack.label_names},
+                "authenticated": self.authenticated, "workspace_id": self.policy.workspace_id,
+                "limits": dataclasses.asdict(self.limits)}

@@ -8,8 +8,7 @@ import numpy as np
 from mmcl_edge.preprocess import PreprocessSpec
 
 
-class DataFormatError(ValueError):
-    """A user's data cannot be used; the message says what is wrong in plain words."""
+from mmcl_edge.errors import DataFormatError  # noqa: E402  (one hierarchy: mmcl_edge.errors)
 
 
 @dataclass

@@ -13,6 +13,8 @@ preprocessing. An optional top-level "class_names": [...] names the labels in so
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,10 @@ def _read_specs(folder: Path) -> tuple[dict[str, PreprocessSpec], list[str] | No
                               '{"accel": {"kind": "timeseries"}}')
     specs = {}
     for name, opts in raw.items():
+        if not isinstance(name, str) or not MODALITY_NAME.match(name) or "__" in name:
+            raise DataFormatError(f"modality name {name!r} in {path} must be a plain identifier (letters, digits, "
+                                  "single underscores, starting with a letter, at most 64 characters): it names "
+                                  "files and graph inputs")
         if not isinstance(opts, dict) or "kind" not in opts:
             raise DataFormatError(f"modality {name!r} in {path} needs a \"kind\" ({', '.join(KINDS)})")
         if opts["kind"] not in KINDS:
@@ -46,8 +52,31 @@ def _read_specs(folder: Path) -> tuple[dict[str, PreprocessSpec], list[str] | No
                                   f"known kinds: {', '.join(KINDS)}")
         known = set(PreprocessSpec.__dataclass_fields__) - {"options"}
         extra = {k: v for k, v in opts.items() if k not in known}
-        specs[name] = PreprocessSpec(**{k: v for k, v in opts.items() if k in known}, options=extra)
+        given = {k: v for k, v in opts.items() if k in known}
+        _check_spec_options(name, path, given)
+        try:
+            specs[name] = PreprocessSpec(**given, options=extra)
+        except (TypeError, ValueError) as exc:
+            raise DataFormatError(f"modality {name!r} in {path}: {exc}") from None
     return specs, class_names
+
+
+MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_POSITIVE_INTS = ("image_size", "sample_rate", "n_mels", "n_fft", "hop", "series_length")
+
+
+def _check_spec_options(name: str, path: Path, opts: dict) -> None:
+    """Preprocessing options must be numbers in range: a bad one is a plain DataFormatError here,
+    not a traceback deep inside preprocessing."""
+    for key in _POSITIVE_INTS:
+        if key in opts:
+            v = opts[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise DataFormatError(f"modality {name!r} in {path}: {key} must be a positive integer, not {v!r}")
+    if "clip_seconds" in opts:
+        v = opts["clip_seconds"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+            raise DataFormatError(f"modality {name!r} in {path}: clip_seconds must be a number in (0, 3600], not {v!r}")
 
 
 def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> tuple[dict, np.ndarray, np.ndarray | None]:
@@ -65,6 +94,8 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
     y = arrays["y"]
     if y.ndim != 1:
         raise DataFormatError(f"'y' in {path} must be 1-D (one label per sample), got shape {y.shape}")
+    if len(y) == 0:
+        raise DataFormatError(f"{path} holds no samples ('y' is empty)")
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
@@ -89,6 +120,10 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
             if len(bad):
                 raise DataFormatError(f"'{key}' in {path} has NaN or infinite values in {len(bad)} "
                                       f"samples (first: sample {bad[0]})")
+        if spec.kind == "timeseries" and x.ndim == 3 and x.shape[1] < x.shape[2]:
+            warnings.warn(f"'{key}' in {path} has shape {x.shape}, read as [N, T={x.shape[1]}, C={x.shape[2]}]: "
+                          f"fewer time steps than channels. If the array is [N, C, T], transpose it to [N, T, C] "
+                          f"(np.swapaxes(x, 1, 2))", DataLayoutWarning, stacklevel=2)
         samples[name] = [np.asarray(s) for s in x]
     domain = arrays.get("domain")
     if domain is not None:
@@ -97,6 +132,10 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
         if not np.issubdtype(domain.dtype, np.integer):
             raise DataFormatError(f"'domain' in {path} must hold integer ids, got dtype {domain.dtype}")
     return samples, y, domain
+
+
+class DataLayoutWarning(UserWarning):
+    """The data can be read, but its layout is probably not what the user meant."""
 
 
 def load_generic(folder, setting: str = "class-il", classes_per_task: int = 2, seed: int = 0) -> Scenario:
