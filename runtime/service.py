@@ -53,6 +53,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._pack: Pack | None = None
         self.rejections: list[Rejection] = []
+        self.swaps = 0                  # packs swapped in after the first one
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen_pointer: str | None = None
@@ -87,6 +88,7 @@ class Runtime:
             self.rejections.append(Rejection(str(folder), str(exc), time.time()))
             raise
         with self._lock:
+            self.swaps += self._pack is not None
             self._pack = new
         return new
 
