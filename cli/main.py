@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -32,17 +33,20 @@ EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfi
                    "ray": "scale", "PIL": "images"}
 
 
-def _command_name() -> str:
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    sub = ctx.command_path.split(" ", 1)[1] if ctx and " " in ctx.command_path else (ctx.info_name if ctx else "")
-    return f"mmcl-edge {sub}".strip()
+COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency",
+                 "download_fsdd": "data download-fsdd"}
 
 
 class MissingExtra(Exception):
+    """A command needs an optional extra that is not installed."""
+
     def __init__(self, extra: str):
-        super().__init__(f"`{_command_name()}` needs the {extra} extra: pip install 'mmcl-edge[{extra}]'")
+        super().__init__(extra)
+        self.extra = extra
+
+    def message(self, fn) -> str:
+        command = COMMAND_NAMES.get(fn.__name__, fn.__name__)
+        return f"`mmcl-edge {command}` needs the {self.extra} extra: pip install 'mmcl-edge[{self.extra}]'"
 
 
 def require_extra(extra: str, *modules: str) -> None:
@@ -50,7 +54,11 @@ def require_extra(extra: str, *modules: str) -> None:
     import importlib.util
 
     for m in modules or [m for m, e in EXTRA_OF_MODULE.items() if e == extra]:
-        if importlib.util.find_spec(m) is None:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             raise MissingExtra(extra)
 
 
@@ -62,13 +70,13 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MissingExtra as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(exc.message(fn))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except ModuleNotFoundError as exc:
             extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
             if extra is None:
                 raise
-            err.print(f"[bold red]error:[/] {MissingExtra(extra)}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(MissingExtra(extra).message(fn))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except (DataFormatError, KeyError, FileNotFoundError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -382,9 +390,14 @@ def bench_cl(
     epochs: Optional[int] = typer.Option(None, help="Adapter training epochs per task (all trainable methods)."),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. baselines.ewc_lambda=100."),
     workers: int = typer.Option(0, help="Runs in parallel, one torch thread each (0: min(2, CPU cores))."),
+    ray: bool = typer.Option(False, "--ray", help="Run the method x seed jobs as Ray tasks (the scale extra)."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto', ray://host:port); "
+                                                         "default: start Ray on this machine."),
 ):
     """Continual-learning benchmark: the method, its ablations and the baselines, side by side."""
     require_extra("learn")
+    if ray or ray_address:
+        require_extra("scale", "ray")
     from mmcl_edge.benchmark import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
@@ -415,7 +428,8 @@ def bench_cl(
         err.print(f"  {name:22s} seed {seed}: final {_pct(rep['final_average_accuracy'])}%  "
                   f"forgetting {_pct(rep['forgetting'])}  learn {rep['learn_seconds']:.1f}s")
 
-    result = run_cl_benchmark(spec, chosen, seeds, config, cache, progress_bar, on_result, workers)
+    result = run_cl_benchmark(spec, chosen, seeds, config, cache, progress_bar, on_result, workers,
+                              ray=bool(ray or ray_address), ray_address=ray_address)
     result["validation"] = validation
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
@@ -482,7 +496,10 @@ def bench_latency(
         err.print(f"note: the workspace's test data cannot be loaded here ({why}); timing random inputs "
                   "of the right shapes", highlight=False)
         result["inputs"] = "random"
-    have_torch = importlib.util.find_spec("torch") is not None
+    try:
+        have_torch = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        have_torch = False
     torch_ok = have_torch and samples is not None
     if torch_ok:
         import torch
