@@ -37,12 +37,27 @@ def run(workspace: str, *, host: str = "127.0.0.1", port: int = 8000, model_name
         providers=None, threads: int = 0, poll_seconds: float = 0.5, replica_cpus: float = 1.0,
         address: str | None = None, blocking: bool = True):
     """Start (or join, with ``address``) Ray, deploy the endpoint on ``host:port`` and serve."""
+    import time
+
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
             ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     app = build(workspace, model_name, replicas, providers, threads, poll_seconds, replica_cpus)
-    return serve.run(app, name="mmcl-edge", route_prefix="/", blocking=blocking)
+    handle = serve.run(app, name="mmcl-edge", route_prefix="/")
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:  # take the endpoint down; stop Ray if it was started here
+        serve.delete("mmcl-edge")
+        if started:
+            serve.shutdown()
+            ray.shutdown()

@@ -16,7 +16,8 @@ the ones named in ``outputs``): ``labels`` BYTES [B], ``scores`` FP32 [B] (proba
 label), ``class_index`` INT64 [B] (index into the pack's labels), ``probabilities`` FP32 [B, C],
 ``pack_version`` INT64 [1] and ``timings_ms`` FP32 [4] (preprocess, backbone, pack, total; the names
 are in the output's ``parameters.stages``). Every answer names the pack that produced it:
-``model_version`` and ``parameters.pack_version``. The binary tensor extension (what
+``model_version``, ``parameters.pack_version`` and the ``x-mmcl-pack-version`` header (and the
+process that answered: ``x-mmcl-replica``, host:pid). The binary tensor extension (what
 ``tritonclient.http`` sends by default) is understood in both directions.
 
 User mistakes (unknown model, a missing/unknown tensor, wrong datatype, shape and data that do not
@@ -25,6 +26,8 @@ agree, malformed JSON) are answered with the protocol's ``{"error": "..."}`` and
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
 import time
 import zlib
@@ -50,6 +53,7 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
           "FP32": np.float32, "FP64": np.float64}
 INPUT_DATATYPE = "FP32"
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several behind one route on Ray)
 
 
 class ProtocolError(Exception):
@@ -358,7 +362,7 @@ def create_app(runtime: Runtime, model_name: str = "mmcl") -> FastAPI:
             raise ProtocolError(str(exc)) from None
         body, header_length = encode_response(pred, model_name, req.get("id"), outputs)
         metrics.latency.observe(time.perf_counter() - start)
-        headers = {"x-mmcl-pack-version": str(pred.pack_version)}
+        headers = {"x-mmcl-pack-version": str(pred.pack_version), "x-mmcl-replica": REPLICA}
         if header_length is None:
             return Response(body, media_type="application/json", headers=headers)
         headers[HEADER_LENGTH] = str(header_length)
