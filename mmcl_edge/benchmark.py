@@ -91,10 +91,39 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _run_on_ray(spec: ScenarioSpec, jobs: list[tuple[str, int]], config: LearnConfig, cache_root: Path,
+                address: str | None):
+    """The jobs as Ray tasks (one CPU, one torch thread each); yields (name, seed, report) as they finish.
+
+    Ray is started here (``ray.init()``) unless ``address`` names a running cluster; the tap cache
+    must then be at the same path on every node (shared storage), or each task re-extracts taps.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1)(run_one)
+        pending = {task.remote(spec, name, seed, config, cache_root, 1): (name, seed) for name, seed in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                name, seed = pending.pop(ref)
+                yield name, seed, ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_cl_benchmark(spec: ScenarioSpec, methods: list[str], seeds: int, config: LearnConfig, cache_root: Path,
                      progress: Callable | None = None, on_result: Callable[[str, int, dict], None] | None = None,
-                     workers: int | None = None) -> dict:
-    """Run every method for seeds 0..seeds-1 and aggregate mean ± std over seeds."""
+                     workers: int | None = None, ray: bool = False, ray_address: str | None = None) -> dict:
+    """Run every method for seeds 0..seeds-1 and aggregate mean ± std over seeds.
+
+    ``ray=True`` runs the method x seed jobs as Ray tasks (on ``ray_address``, or a Ray started here)
+    instead of local worker processes; the jobs and so the results are the same.
+    """
     workers = workers or default_workers()
     scenario = None
     encodings = list(dict.fromkeys(tap_encoding(name) for name in methods))
@@ -108,7 +137,12 @@ def run_cl_benchmark(spec: ScenarioSpec, methods: list[str], seeds: int, config:
             source.taps("test", np.arange(len(scenario.test.y)), lmap, f"{what} test")
     jobs = [(name, seed) for seed in range(seeds) for name in methods]
     runs: dict[tuple[str, int], dict] = {}
-    if workers == 1:
+    if ray:
+        for name, seed, report in _run_on_ray(spec, jobs, config, cache_root, ray_address):
+            runs[(name, seed)] = report
+            if on_result:
+                on_result(name, seed, report)
+    elif workers == 1:
         for name, seed in jobs:
             runs[(name, seed)] = run_one(spec, name, seed, config, cache_root, 0)
             if on_result:

@@ -76,7 +76,8 @@ def read_sample(path: Path, spec=None) -> np.ndarray:
             try:
                 from PIL import Image
             except ImportError:
-                raise InputError("reading images needs Pillow (pip install pillow); or pass a .npy array") from None
+                raise InputError("reading .png/.jpg images needs Pillow: pip install 'mmcl-edge[images]' "
+                                 "(or pillow); or pass the image as a .npy array") from None
             return np.asarray(Image.open(path).convert("RGB") if Image.open(path).mode not in ("L", "I", "F")
                               else Image.open(path), dtype=np.float32)
         if suffix == ".npy":

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from mmcl_edge.runtime.errors import RuntimeUserError
 from mmcl_edge.runtime.service import Runtime
 
 
@@ -41,3 +42,23 @@ def measure_swap(rt: Runtime, packs: list, repeats: int = 5) -> dict:
         rt.swap(packs[i % len(packs)])
         ms.append(1e3 * (time.perf_counter() - t0))
     return percentiles(ms)
+
+
+def example_inputs(rt: Runtime, batch: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Random raw samples of the shapes each modality takes (for timing where no test data is at hand)."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for m, e in rt.backbones.index.items():
+        spec = rt.backbones.specs[m]
+        if spec.kind == "vector":
+            shape = tuple(e["input_shape"])
+        elif spec.kind == "image":
+            shape = (spec.image_size, spec.image_size)
+        elif spec.kind == "audio":
+            shape = (int(spec.sample_rate * spec.clip_seconds),)
+        elif spec.kind == "timeseries":
+            shape = (spec.series_length, 3)
+        else:
+            raise RuntimeUserError(f"no example input for modality kind {spec.kind!r}")
+        inputs[m] = [rng.random(shape, dtype=np.float32) for _ in range(batch)]
+    return inputs

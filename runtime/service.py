@@ -77,6 +77,7 @@ class Runtime:
         self._swap_lock = threading.Lock()
         self._pack: Pack | None = None
         self.rejections: list[Rejection] = []
+        self.swaps = 0                  # packs swapped in after the first one
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen_pointer: str | None = None
@@ -129,6 +130,7 @@ class Runtime:
             if self.policy.workspace_id is None and new.manifest.get("workspace_id"):
                 self.policy.workspace_id = new.manifest["workspace_id"]  # pinned by the first pack
             with self._lock:
+                self.swaps += self._pack is not None
                 self._pack = new
         return new
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The base install is torch-free: a fresh venv with only the base + cpu + serve extras runs
+# 'mmcl-edge info', 'predict', 'bench latency' and a 'serve' round-trip over a workspace that the
+# learner (the current environment, installed from requirements-ci.txt) made.
+#   bash .ci/torch_free_check.sh            (PYTHON=... to pick the learner's interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+PY="${PYTHON:-python}"
+WORK="$(mktemp -d)"
+SERVER=""
+cleanup() { if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi; rm -rf "$WORK"; }
+trap cleanup EXIT
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+step() { echo "torch-free check: $*"; }
+
+step "the learner makes a tiny workspace (synthetic-cil, 2 epochs)"
+"$PY" -m mmcl_edge.cli.main learn --scenario synthetic-cil --epochs 2 -w "$WORK/ws" > "$WORK/learn.log" 2>&1 \
+  || { cat "$WORK/learn.log"; exit 1; }
+"$PY" - "$WORK" <<'PY'
+import json, sys
+import numpy as np
+from mmcl_edge.data import load_scenario
+from mmcl_edge.runtime import Runtime
+work = sys.argv[1]
+sc = load_scenario("synthetic-cil")
+x = {m: np.stack(sc.test.samples[m][:5]).astype(np.float32) for m in sc.specs}
+np.savez(f"{work}/inputs.npz", **{f"x_{m}": v for m, v in x.items()})
+json.dump(Runtime(f"{work}/ws").predict(x).labels, open(f"{work}/expected.json", "w"))
+PY
+
+step "a fresh venv with the base + cpu + serve extras only"
+"$PY" -m venv "$WORK/venv"
+DPY="$WORK/venv/bin/python"
+"$DPY" -m pip install -q --disable-pip-version-check "$REPO[cpu,serve]"
+if "$DPY" -c "import torch" 2>/dev/null; then echo "torch is importable in the device venv" >&2; exit 1; fi
+DEV="$WORK/venv/bin/mmcl-edge"
+
+step "mmcl-edge info"
+"$DEV" info -w "$WORK/ws" > "$WORK/info.txt"
+grep -q "v0002" "$WORK/info.txt"
+
+step "mmcl-edge predict"
+"$DEV" predict -w "$WORK/ws" -i "$WORK/inputs.npz" --json > "$WORK/pred.json"
+"$DPY" -c "import json,sys; a=json.load(open(sys.argv[1]))['labels']; b=json.load(open(sys.argv[2])); assert a==b,(a,b)" \
+  "$WORK/pred.json" "$WORK/expected.json"
+
+step "mmcl-edge bench latency (no PyTorch-eager comparison here)"
+"$DEV" bench latency -w "$WORK/ws" --batch 1 --repeats 5 --out "$WORK/lat.json" > "$WORK/lat.txt" 2> "$WORK/lat.err"
+grep -q "PyTorch-eager comparison skipped" "$WORK/lat.err"
+"$DPY" -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['pytorch_eager'].startswith('skipped'); print('  p50 total', round(r['batches']['1']['stages_ms']['total']['p50'], 2), 'ms')" "$WORK/lat.json"
+
+step "mmcl-edge serve: a round-trip over HTTP on 127.0.0.1"
+PORT="$("$DPY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+"$DEV" serve -w "$WORK/ws" --port "$PORT" > "$WORK/serve.log" 2>&1 &
+SERVER=$!
+"$DPY" - "$PORT" "$WORK" <<'PY'
+import json, sys, time, urllib.request
+import numpy as np
+port, work = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+end = time.monotonic() + 60
+while True:
+    try:
+        if urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5).status == 200:
+            break
+    except OSError:
+        if time.monotonic() > end:
+            sys.exit("the server did not become ready: " + open(f"{work}/serve.log").read())
+        time.sleep(0.2)
+with np.load(f"{work}/inputs.npz") as z:
+    body = {"id": "ci", "inputs": [{"name": k[2:], "shape": list(z[k].shape), "datatype": "FP32",
+                                    "data": z[k].ravel().tolist()} for k in z.files]}
+req = urllib.request.Request(f"{base}/v2/models/mmcl/infer", data=json.dumps(body).encode(), method="POST")
+answer = json.load(urllib.request.urlopen(req, timeout=30))
+labels = next(o for o in answer["outputs"] if o["name"] == "labels")["data"]
+assert labels == json.load(open(f"{work}/expected.json")), labels
+assert answer["id"] == "ci" and answer["parameters"]["pack_version"] == 2, answer
+assert "mmcl_pack_version 2.0" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+print("  labels", labels, "from pack v%04d" % answer["parameters"]["pack_version"])
+PY
+echo "torch-free check passed"

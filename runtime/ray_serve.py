@@ -1,0 +1,63 @@
+"""Scale-out of ``mmcl-edge serve`` on Ray Serve (the ``scale`` extra: ``ray[serve]``).
+
+N replicas of the very FastAPI app in ``server.py`` behind one route. Each replica is its own
+process with its own ``Runtime`` that follows ``WS/current`` (the watcher), so a new pack reaches
+every replica without a restart. The workspace folder must be readable at the same path on every
+node (one machine, or shared storage). Torch-free, like the rest of the runtime.
+"""
+from __future__ import annotations
+
+from mmcl_edge.runtime.server import create_app
+from mmcl_edge.runtime.service import Runtime
+
+
+def build(workspace: str, model_name: str = "mmcl", replicas: int = 1, providers=None, threads: int = 0,
+          poll_seconds: float = 0.5, replica_cpus: float = 1.0):
+    """A bound Ray Serve application: ``replicas`` copies of the endpoint over ``workspace``."""
+    from ray import serve
+
+    @serve.deployment(name="mmcl-edge", num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+    @serve.ingress()
+    class MMCLReplica:
+        def __init__(self, workspace: str, model_name: str, providers, threads: int, poll_seconds: float):
+            self.model_name = model_name
+            self.runtime = Runtime(workspace, providers=providers, threads=threads)
+            self.runtime.start_watcher(poll_seconds)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.runtime, self.model_name)
+
+        def __del__(self):
+            self.runtime.stop()
+
+    return MMCLReplica.bind(str(workspace), model_name, providers, threads, poll_seconds)
+
+
+def run(workspace: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "mmcl", replicas: int = 1,
+        providers=None, threads: int = 0, poll_seconds: float = 0.5, replica_cpus: float = 1.0,
+        address: str | None = None, blocking: bool = True):
+    """Start (or join, with ``address``) Ray, deploy the endpoint on ``host:port`` and serve."""
+    import time
+
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
+            ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = build(workspace, model_name, replicas, providers, threads, poll_seconds, replica_cpus)
+    handle = serve.run(app, name="mmcl-edge", route_prefix="/")
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:  # take the endpoint down; stop Ray if it was started here
+        serve.delete("mmcl-edge")
+        if started:
+            serve.shutdown()
+            ray.shutdown()

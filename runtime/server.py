@@ -1,0 +1,375 @@
+"""An HTTP inference endpoint speaking the Open Inference Protocol (KServe v2, what Triton serves).
+
+    app = create_app(Runtime("ws"), model_name="mmcl")     # FastAPI; run it with uvicorn
+    mmcl-edge serve -w ws --port 8000                     # the same from the command line
+
+Torch-free (FastAPI + uvicorn + prometheus-client: the ``serve`` extra). Routes:
+
+    GET  /v2/health/live, /v2/health/ready, /v2                  server liveness, readiness, metadata
+    GET  /v2/models/{name}, /v2/models/{name}/ready               model metadata and readiness
+    POST /v2/models/{name}/infer                                  inference (JSON, or JSON + binary tensors)
+    GET  /metrics                                                 Prometheus text format
+
+Inputs: one tensor per modality, named after it, datatype FP32, the first axis the batch. A request
+may leave a modality out; the runtime decides whether that is allowed. Outputs (all by default, or
+the ones named in ``outputs``): ``labels`` BYTES [B], ``scores`` FP32 [B] (probability of the
+label), ``class_index`` INT64 [B] (index into the pack's labels), ``probabilities`` FP32 [B, C],
+``pack_version`` INT64 [1] and ``timings_ms`` FP32 [4] (preprocess, backbone, pack, total; the names
+are in the output's ``parameters.stages``). Every answer names the pack that produced it:
+``model_version``, ``parameters.pack_version`` and the ``x-mmcl-pack-version`` header (and the
+process that answered: ``x-mmcl-replica``, host:pid). The binary tensor extension (what
+``tritonclient.http`` sends by default) is understood in both directions.
+
+User mistakes (unknown model, a missing/unknown tensor, wrong datatype, shape and data that do not
+agree, malformed JSON) are answered with the protocol's ``{"error": "..."}`` and a 4xx status.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+import zlib
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mmcl_edge import __version__
+from mmcl_edge.runtime.errors import RuntimeUserError
+from mmcl_edge.runtime.service import SAMPLE_NDIM, Runtime
+
+HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's header
+STAGES = ("preprocess", "backbone", "pack", "total")
+OUTPUTS = ("labels", "scores", "class_index", "probabilities", "pack_version", "timings_ms")
+# datatype -> numpy dtype (the protocol's fixed-size types); inputs must be FP32, see model metadata
+DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64}
+INPUT_DATATYPE = "FP32"
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several behind one route on Ray)
+
+
+class ProtocolError(Exception):
+    """A request the protocol answers with ``{"error": message}`` and ``status``."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def input_shape(runtime: Runtime, modality: str) -> list[int]:
+    """The declared tensor shape of one modality: -1 for the batch axis and every free axis."""
+    spec = runtime.backbones.specs[modality]
+    if spec.kind == "vector":  # the identity backbone: its input is the sample
+        return [-1, *runtime.backbones.index[modality]["input_shape"]]
+    return [-1] + [-1] * SAMPLE_NDIM.get(spec.kind, 1)
+
+
+def model_metadata(runtime: Runtime, model_name: str) -> dict:
+    pack = runtime.pack
+    n = len(pack.label_names)
+    return {
+        "name": model_name,
+        "versions": [str(pack.version)],
+        "platform": "mmcl-edge",
+        "inputs": [{"name": m, "datatype": INPUT_DATATYPE, "shape": input_shape(runtime, m),
+                    "parameters": {"kind": runtime.backbones.specs[m].kind}} for m in runtime.backbones.modalities],
+        "outputs": [{"name": "labels", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "scores", "datatype": "FP32", "shape": [-1]},
+                    {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+                    {"name": "pack_version", "datatype": "INT64", "shape": [1]},
+                    {"name": "timings_ms", "datatype": "FP32", "shape": [len(STAGES)],
+                     "parameters": {"stages": ",".join(STAGES)}}],
+        "parameters": {"pack_version": pack.version, "task": pack.manifest["task"], "labels": pack.label_names,
+                       "image_inputs": "[B, H, W] or [B, H, W, C]"},
+    }
+
+
+# request decoding ---------------------------------------------------------------------------------
+def _split_body(body: bytes, headers) -> tuple[dict, bytes]:
+    encoding = (headers.get("content-encoding") or "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise ProtocolError(f"the request body is not valid {encoding} ({exc})") from None
+    elif encoding not in ("", "identity"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none", 415)
+    length = headers.get(HEADER_LENGTH.lower())
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {length!r}") from None
+        if not 0 <= n <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
+        header, binary = body[:n], body[n:]
+    else:
+        header, binary = body, b""
+    try:
+        request = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the request must be a JSON object with 'inputs'")
+    return request, binary
+
+
+def _flatten(data) -> list:
+    """Row-major flattening of nested JSON lists (the protocol allows flat or nested data)."""
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(d, list) for d in data):
+        return data
+    flat: list = []
+    for d in data:
+        flat.extend(_flatten(d))
+    return flat
+
+
+def decode_inputs(request: dict, binary: bytes, runtime: Runtime) -> dict[str, np.ndarray]:
+    """The request's named tensors as arrays, checked against the model's declared inputs."""
+    tensors = request.get("inputs")
+    if not isinstance(tensors, list) or not tensors:
+        raise ProtocolError("the request needs 'inputs': a non-empty list of tensors")
+    known = runtime.backbones.modalities
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in tensors:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise ProtocolError("every input needs a 'name'")
+        name = t["name"]
+        if name not in known:
+            raise ProtocolError(f"unknown input {name!r}; this model's inputs are {known}")
+        if name in arrays:
+            raise ProtocolError(f"input {name!r} is given twice")
+        shape, datatype = t.get("shape"), t.get("datatype")
+        if (not isinstance(shape, list) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ProtocolError(f"input {name!r}: 'shape' must be a non-empty list of non-negative integers, "
+                                f"the first the batch size; got {shape!r}")
+        if datatype != INPUT_DATATYPE:
+            raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not accepted; this model's inputs "
+                                f"are {INPUT_DATATYPE}")
+        count = int(np.prod(shape))
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if "data" in t:
+                raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
+            itemsize = np.dtype(DTYPES[datatype]).itemsize
+            if not isinstance(size, int) or size != count * itemsize or offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not match shape {shape} "
+                                    f"of {datatype} ({count * itemsize} bytes) or the bytes sent")
+            arr = np.frombuffer(binary, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<"), count=count,
+                                offset=offset).astype(np.float32).reshape(shape)
+            offset += size
+        else:
+            if "data" not in t:
+                raise ProtocolError(f"input {name!r} has no 'data'")
+            flat = _flatten(t["data"])
+            if len(flat) != count:
+                raise ProtocolError(f"input {name!r}: shape {shape} needs {count} values, 'data' holds {len(flat)}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+                raise ProtocolError(f"input {name!r}: 'data' must hold numbers for datatype {datatype}")
+            arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+        declared = input_shape(runtime, name)
+        image = runtime.backbones.specs[name].kind == "image"
+        if runtime.backbones.specs[name].kind in SAMPLE_NDIM:  # kinds this server knows; others: the runtime decides
+            ok_ndim = arr.ndim == len(declared) or (image and arr.ndim == len(declared) + 1)
+            fixed_ok = all(d == -1 or d == s for d, s in zip(declared, arr.shape))
+            if not ok_ndim or not fixed_ok:
+                raise ProtocolError(f"input {name!r}: shape {list(arr.shape)} does not fit the declared "
+                                    f"{declared} (-1: any size)")
+        if arr.shape[0] == 0:
+            raise ProtocolError(f"input {name!r}: the batch is empty")
+        arrays[name] = arr
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    return arrays
+
+
+def requested_outputs(request: dict) -> list[tuple[str, bool]]:
+    """(name, binary) for each requested output; all outputs (as JSON, unless asked) when none are named."""
+    params = request.get("parameters") or {}
+    default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    wanted = request.get("outputs")
+    if wanted is None:
+        return [(n, default_binary) for n in OUTPUTS]
+    if not isinstance(wanted, list):
+        raise ProtocolError("'outputs' must be a list of {\"name\": ...}")
+    chosen = []
+    for o in wanted:
+        if not isinstance(o, dict) or o.get("name") not in OUTPUTS:
+            got = o.get("name") if isinstance(o, dict) else o
+            raise ProtocolError(f"unknown output {got!r}; this model's outputs are {list(OUTPUTS)}")
+        p = o.get("parameters") or {}
+        chosen.append((o["name"], bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary))
+    return chosen
+
+
+# response encoding --------------------------------------------------------------------------------
+def _bytes_tensor(values: list[str]) -> bytes:
+    """The protocol's binary BYTES layout: each element a 4-byte little-endian length, then its bytes."""
+    out = bytearray()
+    for v in values:
+        b = v.encode("utf-8")
+        out += struct.pack("<I", len(b)) + b
+    return bytes(out)
+
+
+def encode_response(pred, model_name: str, request_id, outputs: list[tuple[str, bool]]) -> tuple[bytes, int | None]:
+    """JSON body (plus binary tensors after it when asked) and the JSON header's length if binary."""
+    values = {
+        "labels": ("BYTES", [len(pred.labels)], list(pred.labels)),
+        "scores": ("FP32", [len(pred.labels)], np.asarray(pred.scores, dtype=np.float32)),
+        "class_index": ("INT64", [len(pred.labels)], np.asarray(pred.indices, dtype=np.int64)),
+        "probabilities": ("FP32", list(pred.probabilities.shape), np.asarray(pred.probabilities, dtype=np.float32)),
+        "pack_version": ("INT64", [1], np.asarray([pred.pack_version], dtype=np.int64)),
+        "timings_ms": ("FP32", [len(STAGES)], np.asarray([pred.timings_ms.get(s, float("nan")) for s in STAGES],
+                                                          dtype=np.float32)),
+    }
+    tensors, blobs = [], []
+    for name, binary in outputs:
+        datatype, shape, data = values[name]
+        t = {"name": name, "datatype": datatype, "shape": shape}
+        if name == "timings_ms":
+            t["parameters"] = {"stages": ",".join(STAGES)}
+        if binary:
+            blob = _bytes_tensor(data) if datatype == "BYTES" else np.ascontiguousarray(data).astype(
+                np.asarray(data).dtype.newbyteorder("<")).tobytes()
+            t.setdefault("parameters", {})["binary_data_size"] = len(blob)
+            blobs.append(blob)
+        else:
+            t["data"] = data if datatype == "BYTES" else np.asarray(data).ravel().tolist()
+        tensors.append(t)
+    body = {"model_name": model_name, "model_version": str(pred.pack_version),
+            "parameters": {"pack_version": pred.pack_version}, "outputs": tensors}
+    if request_id is not None:
+        body["id"] = request_id
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)
+
+
+# metrics ------------------------------------------------------------------------------------------
+class _RuntimeCollector:
+    """Pack state read from the runtime at scrape time: version, swaps, rejected packs."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def collect(self):
+        yield GaugeMetricFamily("mmcl_pack_version", "Version of the pack serving now",
+                                value=self.runtime.pack.version)
+        yield CounterMetricFamily("mmcl_pack_swaps", "Packs swapped in since the server started (after the first)",
+                                  value=getattr(self.runtime, "swaps", 0))
+        yield CounterMetricFamily("mmcl_pack_rejections", "Packs that failed validation and never served",
+                                  value=len(self.runtime.rejections))
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmcl_requests", "HTTP requests by route and status code", ["route", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("mmcl_infer_latency_seconds", "Inference request latency (seconds, successful)",
+                                 registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.registry.register(_RuntimeCollector(runtime))
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# the app ------------------------------------------------------------------------------------------
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(runtime: Runtime, model_name: str = "mmcl") -> FastAPI:
+    """A FastAPI app serving ``runtime`` as model ``model_name`` (the caller starts any watcher)."""
+    app = FastAPI(title="mmcl-edge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(runtime)
+    app.state.runtime, app.state.metrics, app.state.model_name = runtime, metrics, model_name
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "name", None) or "unknown", str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(f"invalid request: {exc.errors()}", 400)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ProtocolError(f"unknown model {name!r}; this server serves {model_name!r}", 404)
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError):
+        return _error(str(exc), exc.status)
+
+    @app.get("/v2/health/live", name="live")
+    def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", name="ready")
+    def ready():
+        ok = runtime.pack is not None
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2", name="server_metadata")
+    def server_metadata():
+        return {"name": "mmcl-edge", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{name}", name="model_metadata")
+    def metadata(name: str):
+        check_model(name)
+        return model_metadata(runtime, model_name)
+
+    @app.get("/v2/models/{name}/ready", name="model_ready")
+    def model_ready(name: str):
+        check_model(name)
+        ok = runtime.pack is not None
+        return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer", name="infer")
+    async def infer(name: str, request: Request):
+        start = time.perf_counter()
+        check_model(name)
+        req, binary = _split_body(await request.body(), request.headers)
+        arrays = decode_inputs(req, binary, runtime)
+        outputs = requested_outputs(req)
+        try:  # a batch per modality, as a list of samples: the first axis is always the batch
+            pred = await run_in_threadpool(runtime.predict, {m: list(a) for m, a in arrays.items()})
+        except RuntimeUserError as exc:  # InputError: the runtime says what does not fit
+            raise ProtocolError(str(exc)) from None
+        body, header_length = encode_response(pred, model_name, req.get("id"), outputs)
+        metrics.latency.observe(time.perf_counter() - start)
+        headers = {"x-mmcl-pack-version": str(pred.pack_version), "x-mmcl-replica": REPLICA}
+        if header_length is None:
+            return Response(body, media_type="application/json", headers=headers)
+        headers[HEADER_LENGTH] = str(header_length)
+        return Response(body, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/metrics", name="metrics")
+    def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
