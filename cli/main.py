@@ -25,6 +25,10 @@ out = Console()
 err = Console(stderr=True)
 
 DEFAULT_WORKSPACE = Path("mmcl-workspace")
+SCENARIO_HELP = ("Built-in task stream: avdigits-cil, avdigits-dil (spoken + written digits), utd-mhad-cil, "
+                 "utd-mhad-dil (depth video + skeleton + IMU, 27 actions); synthetic-cil, synthetic-dil: tiny, for tests.")
+DATA_DIR_HELP = ("Where a built-in data set is: the FSDD recordings for AV-Digits, the utd-mhad folder for UTD-MHAD "
+                 "(else $MMCL_EDGE_DATA; UTD-MHAD also $MMCL_EDGE_UTD_MHAD).")
 
 
 # The modules each extra brings: a command that needs a missing one names the extra to install.
@@ -82,12 +86,13 @@ def user_errors(fn):
             err.print(f"[bold red]error:[/] {escape(MissingExtra(extra).message(fn))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except MMCLError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except OSError as exc:
             if exc.errno not in STORAGE_ERRNOS:
                 raise
-            err.print(f"[bold red]error:[/] cannot write {exc.filename or ''}: {os.strerror(exc.errno)}", highlight=False)
+            err.print(f"[bold red]error:[/] cannot write {escape(str(exc.filename or ''))}: {os.strerror(exc.errno)}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
 
@@ -138,10 +143,10 @@ def parse_overrides(items: list[str]) -> dict:
 @app.command()
 @user_errors
 def learn(
-    scenario: str = typer.Option("avdigits-cil", help="Built-in task stream: avdigits-cil or avdigits-dil (synthetic-cil, synthetic-dil: tiny, for tests)."),
+    scenario: str = typer.Option("avdigits-cil", help=SCENARIO_HELP),
     data: Optional[Path] = typer.Option(None, help="Your data in the generic format (folder with train.npz, "
                                                    "test.npz, modalities.json); replaces --scenario."),
-    data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings for AV-Digits (else $MMCL_EDGE_DATA)."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     setting: str = typer.Option("class-il", help="With --data: class-il or domain-il (tasks = domain ids)."),
     classes_per_task: int = typer.Option(2, help="With --data and class-il: classes per task."),
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Where state, taps, packs and report live."),
@@ -275,8 +280,14 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
             trusted_key: list[Path] = typer.Option([], "--trusted-key",
                                                    help="Ed25519 public key; serve only packs it signed (repeatable)."),
-            allow_downgrade: bool = typer.Option(False, help="With --trusted-key: allow a pack older than the serving one.")):
-    """Predict with the torch-free runtime from the workspace's current pack."""
+            allow_downgrade: bool = typer.Option(False, help="With --trusted-key: allow a pack older than the serving one."),
+            samples: Optional[str] = typer.Option(None, help="With a .npz: which samples, e.g. 0 or 0:10 (default: all).")):
+    """Predict with the torch-free runtime from the workspace's current pack.
+
+    A modality may be left out (a sensor that dropped out): the answer says which modalities it used.
+    """
+    import numpy as np
+
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.errors import InputError
     from mmcl_edge.runtime.inputs import read_npz, read_sample
@@ -285,6 +296,15 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
     mods = rt.backbones.modalities
     if len(input_) == 1 and input_[0].lower().endswith(".npz") and "=" not in input_[0]:
         inputs = read_npz(Path(input_[0]), mods)
+        if samples is not None:
+            try:
+                lo, _, hi = samples.partition(":")
+                pick = slice(int(lo or 0), int(hi) if hi else None) if ":" in samples else slice(int(lo), int(lo) + 1)
+            except ValueError:
+                raise InputError(f"--samples {samples!r}: use an index (3) or a range (0:10)") from None
+            inputs = {m: x[pick] for m, x in inputs.items()}
+            if not all(len(x) for x in inputs.values()):
+                raise InputError(f"--samples {samples!r} selects no sample")
     else:
         inputs = {}
         for item in input_:
@@ -292,14 +312,22 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
                 raise InputError(f"--input {item!r}: use MODALITY=FILE (modalities: {', '.join(mods)}) or one .npz")
             m, f = item.split("=", 1)
             inputs[m.strip()] = read_sample(Path(f), rt.backbones.specs.get(m.strip()))
-    p = rt.predict(inputs)
+    n = len(next(iter(inputs.values()))) if all(isinstance(x, np.ndarray) and x.ndim > 0 for x in inputs.values()) else 0
+    step = rt.limits.max_batch
+    if len(input_) == 1 and n > step:  # a whole test file: in request-sized chunks, answered as one
+        parts = [rt.predict({m: x[b:b + step] for m, x in inputs.items()}) for b in range(0, n, step)]
+        p = parts[0]
+        p.labels = [label for q in parts for label in q.labels]
+        p.scores = np.concatenate([q.scores for q in parts])
+        p.timings_ms = {k: sum(q.timings_ms[k] for q in parts) for k in p.timings_ms}
+    else:
+        p = rt.predict(inputs)
     if as_json:
         def finite(v):  # JSON has no NaN/Infinity: a non-finite number is written as null
             return v if np.isfinite(v) else None
 
-        import numpy as np
-
         doc = {"labels": p.labels, "scores": [finite(float(v)) for v in p.scores], "pack_version": p.pack_version,
+               "modalities": p.modalities,
                "timings_ms": {k: finite(float(v)) for k, v in p.timings_ms.items()},
                "authenticated": rt.authenticated}
         print(json.dumps(doc, allow_nan=False))
@@ -310,6 +338,7 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
     for i, (label, score) in enumerate(zip(p.labels, p.scores)):
         t.add_row(str(i), label, f"{score:.3f}")
     out.print(t)
+    out.print("modalities used: " + ", ".join(p.modalities))
     out.print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items()))
 
 
@@ -420,9 +449,9 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
 @bench_app.command("cl")
 @user_errors
 def bench_cl(
-    scenario: str = typer.Option("avdigits-cil", help="avdigits-cil, avdigits-dil, synthetic-cil or synthetic-dil."),
+    scenario: str = typer.Option("avdigits-cil", help=SCENARIO_HELP),
     data: Optional[Path] = typer.Option(None, help="Your data in the generic format; replaces --scenario."),
-    data_dir: Optional[Path] = typer.Option(None, help="FSDD recordings for AV-Digits (else $MMCL_EDGE_DATA)."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     setting: str = typer.Option("class-il", help="With --data: class-il or domain-il."),
     classes_per_task: int = typer.Option(2, help="With --data and class-il: classes per task."),
     methods: str = typer.Option("all", help="Comma-separated names, 'all', 'baselines' or 'ablations'."),
@@ -479,12 +508,15 @@ def bench_cl(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"{result['scenario']} ({result['setting']}), mean ± std over {seeds} seed(s), %")
-    for c in ("method", "final avg acc", "avg incremental acc", "forgetting", "learn s"):
+    modalities = first.modalities if len(first.modalities) > 1 else []
+    for c in ("method", "final avg acc", "avg incremental acc", "forgetting", "learn s",
+              *(f"without {m}" for m in modalities)):
         t.add_column(c, justify="right" if c != "method" else "left")
     for name, e in result["methods"].items():
         pm = lambda k, scale=100: f"{scale * e[k]:.1f} ± {scale * e[k + '_std']:.1f}"
+        missing = e.get("missing_modality") or {}
         t.add_row(name, pm("final_average_accuracy"), pm("average_incremental_accuracy"), pm("forgetting"),
-                  pm("learn_seconds", 1))
+                  pm("learn_seconds", 1), *(_pct(missing.get(m)).strip() for m in modalities))
     out.print(t)
     out.print(f"results: {out_file}")
     if plot:
@@ -495,6 +527,41 @@ def bench_cl(
         except ImportError:
             raise ConfigError("--plot needs matplotlib: pip install 'mmcl-edge[plots]' (the JSON is written)") from None
         out.print(f"{len(paths)} plots in {plot}")
+
+
+@bench_app.command("encoders")
+@user_errors
+def bench_encoders(
+    scenario: str = typer.Option("utd-mhad-cil", help=SCENARIO_HELP),
+    data: Optional[Path] = typer.Option(None, help="Your data in the generic format; replaces --scenario."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    out_file: Path = typer.Option(Path("bench-encoders.json"), "--out", help="Where the JSON result goes."),
+    cache: Path = typer.Option(Path("mmcl-bench-cache"), help="Tap cache (shared with bench cl)."),
+):
+    """Linear-probe accuracy of every encoding of every modality (which frozen encoder sees the classes)."""
+    require_extra("learn")
+    from mmcl_edge.cli.progress import progress_bar
+    from mmcl_edge.data import load_scenario
+    from mmcl_edge.probe import probe_encoders
+
+    if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
+        data_dir = Path(os.environ["MMCL_EDGE_DATA"])
+    sc = load_scenario(None if data else scenario, data=str(data) if data else None,
+                       data_dir=str(data_dir) if data_dir else None)
+    result = probe_encoders(sc, cache, progress_bar)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Linear probe (ridge on pooled frozen taps, all classes at once) — {result['scenario']}, %")
+    for c in ("modality", "encoding", "backbone", "features", "validation acc", "test acc", "extract s"):
+        t.add_column(c, justify="left" if c in ("modality", "encoding", "backbone") else "right")
+    for r in result["rows"]:
+        t.add_row(r["modality"], r["encoding"] + (" (default)" if r["default"] else ""), r["backbone"],
+                  str(r["feature_dim"]), _pct(r["validation_accuracy"]), _pct(r["test_accuracy"]),
+                  f"{r['extract_seconds']:.1f}")
+    fused = result["all_modalities_default_encodings"]
+    t.add_row("all", "defaults", "", "", _pct(fused["validation_accuracy"]), _pct(fused["test_accuracy"]), "")
+    out.print(t)
+    out.print(f"results: {out_file}")
 
 
 def _latency_samples(root: Path) -> tuple[dict | None, str]:

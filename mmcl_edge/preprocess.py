@@ -195,8 +195,8 @@ def standardised_series(x: np.ndarray, length: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[:, None]
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"a timeseries sample must be [T] or [T, C] with T >= 2, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"a timeseries sample must be [T] or [T, C], got shape {x.shape}")
     x = (_interp_matrix(x.shape[0], length) @ x).T
     return ((x - x.mean(axis=1, keepdims=True)) / (x.std(axis=1, keepdims=True) + 1e-6)).astype(np.float32)
 

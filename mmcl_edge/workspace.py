@@ -71,11 +71,13 @@ class Workspace:
         root = Path(root).expanduser().resolve()
         if (root / "workspace.json").exists():
             raise WorkspaceError(f"{root} already holds a workspace")
-        root.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": source,
                 "config": config.to_dict(), "workspace_id": uuid.uuid4().hex}
+        ws = cls(root, meta)
+        ws.scenario()  # the data must load before a folder is bound to it: a bad source leaves nothing behind
+        root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(root / "workspace.json", meta)
-        return cls(root, meta)
+        return ws
 
     @classmethod
     def open(cls, root) -> "Workspace":

@@ -10,17 +10,17 @@ from mmcl_edge.runtime.errors import InputError
 
 
 def read_npz(path: Path, modalities: list[str]) -> dict[str, np.ndarray]:
-    """A generic-format ``.npz``: arrays ``x_<modality>`` with a leading sample axis."""
+    """A generic-format ``.npz``: arrays ``x_<modality>`` with a leading sample axis. A modality it
+    lacks is absent from every sample (the runtime decides whether the pack can answer without it)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
         raise InputError(f"{path} is not a readable .npz file ({exc})") from None
-    missing = [m for m in modalities if f"x_{m}" not in arrays]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join('x_' + m for m in missing)} "
+    if not any(f"x_{m}" in arrays for m in modalities):
+        raise InputError(f"{path} holds none of {', '.join('x_' + m for m in modalities)} "
                          f"(it holds {', '.join(sorted(arrays)) or 'nothing'})")
-    return {m: arrays[f"x_{m}"] for m in modalities}
+    return {m: arrays[f"x_{m}"] for m in modalities if f"x_{m}" in arrays}
 
 
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:

@@ -17,7 +17,8 @@ label), ``class_index`` INT64 [B] (index into the pack's labels), ``probabilitie
 ``pack_version`` INT64 [1] and ``timings_ms`` FP32 [4] (preprocess, backbone, pack, total; the names
 are in the output's ``parameters.stages``). Every answer names the pack that produced it:
 ``model_version``, ``parameters.pack_version`` and the ``x-mmcl-pack-version`` header (and the
-process that answered: ``x-mmcl-replica``, host:pid). The binary tensor extension (what
+process that answered: ``x-mmcl-replica``, host:pid). An input tensor may be left out when a sensor
+dropped out; ``parameters.modalities`` lists the modalities that answered. The binary tensor extension (what
 ``tritonclient.http`` sends by default) is understood in both directions.
 
 User mistakes (unknown model, a missing/unknown tensor, wrong datatype, shape and data that do not
@@ -252,7 +253,8 @@ def encode_response(pred, model_name: str, request_id, outputs: list[tuple[str, 
             t["data"] = data if datatype == "BYTES" else np.asarray(data).ravel().tolist()
         tensors.append(t)
     body = {"model_name": model_name, "model_version": str(pred.pack_version),
-            "parameters": {"pack_version": pred.pack_version}, "outputs": tensors}
+            "parameters": {"pack_version": pred.pack_version, "modalities": ",".join(pred.modalities)},
+            "outputs": tensors}
     if request_id is not None:
         body["id"] = request_id
     header = json.dumps(body, separators=(",", ":")).encode()

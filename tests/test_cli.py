@@ -102,7 +102,10 @@ def test_export_info_predict_on_a_workspace(synthetic_ws, tmp_path):
     np.save(tmp_path / "m1.npy", sc.test.samples["m1"][0])
     r = invoke("predict", "-w", ws, "-i", f"m0={tmp_path / 'm0.npy'}", "-i", f"m1={tmp_path / 'm1.npy'}")
     assert r.exit_code == 0, r.output
-    assert "Predictions (pack v0002)" in r.output
+    assert "Predictions (pack v0002)" in r.output and "modalities used: m0, m1" in r.output
+    r = invoke("predict", "-w", ws, "-i", f"m1={tmp_path / 'm1.npy'}")  # a sensor dropped out
+    assert r.exit_code == 0, r.output
+    assert "modalities used: m1" in r.output
 
 
 def test_user_mistakes_give_one_plain_line_and_exit_code_2(synthetic_ws, tmp_path):

@@ -174,6 +174,14 @@ def test_plain_http_json_with_output_selection_and_id(served, synthetic_ws):
                                                     "pack_version", "timings_ms"}
     probs = next(o for o in body["outputs"] if o["name"] == "probabilities")
     assert probs["shape"] == [3, 6] and len(probs["data"]) == 18
+    assert body["parameters"]["modalities"] == "m0,m1"
+    # a sensor dropped out: its tensor is left out, and the answer says what it used
+    only_m1 = {"inputs": [t for t in nested["inputs"] if t["name"] == "m1"]}
+    status, body = http("POST", f"{served.url}/v2/models/mmcl/infer", only_m1)
+    assert status == 200, body
+    assert body["parameters"]["modalities"] == "m1"
+    labels = next(o for o in body["outputs"] if o["name"] == "labels")["data"]
+    assert labels == Runtime(served.ws, providers="cpu").predict({"m1": inputs["m1"]}).labels
 
 
 def bad_requests(inputs):
@@ -191,7 +199,6 @@ def bad_requests(inputs):
         ("not an object", "/v2/models/mmcl/infer", [1, 2], 400),
         ("no inputs", "/v2/models/mmcl/infer", {"outputs": []}, 400),
         ("unknown tensor", "/v2/models/mmcl/infer", {"inputs": [m0, m1, {**m1, "name": "m9"}]}, 400),
-        ("missing modality", "/v2/models/mmcl/infer", {"inputs": [m0]}, 400),
         ("duplicate tensor", "/v2/models/mmcl/infer", {"inputs": [m0, m0, m1]}, 400),
         ("wrong datatype", "/v2/models/mmcl/infer", with_m0(datatype="INT32"), 400),
         ("unknown datatype", "/v2/models/mmcl/infer", with_m0(datatype="FLOAT"), 400),

@@ -32,7 +32,7 @@ def locate_utd_mhad(data_dir: str | os.PathLike | None = None) -> Path:
     """
     tried = []
     for given in (data_dir, os.environ.get(ENV_VAR), os.environ.get("MMCL_EDGE_DATA")):
-        if not given:
+        if not given or str(Path(given).expanduser()) in tried:
             continue
         root = Path(given).expanduser()
         for candidate in (root, root / "utd-mhad", root.parent):

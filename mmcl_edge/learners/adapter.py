@@ -4,6 +4,7 @@ switch terms on or off (finetune, LwF) or add one penalty (EWC, replay)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 
 import numpy as np
@@ -162,13 +163,18 @@ class AdapterLearner(Learner):
         return torch.cat(parts)
 
     def _analytic_views(self, data: TaskData) -> list[tuple[TaskData, float]]:
-        """What the ridge head's sums take in: every sample, and (with modality dropout) the same
-        samples with one modality missing, weighted by the dropout rate, so that the closed-form
-        head also answers well when a sensor drops out."""
+        """What the ridge head's sums take in: every sample, and (with modality dropout ``p``) the
+        same samples with each proper subset of modalities missing, weighted ``p ** missing``, so
+        that the closed-form head also answers when one sensor, or all but one, drop out."""
         views = [(data, 1.0)]
-        w = self.cfg.train.modality_dropout
-        if w > 0 and len(data.taps) > 1:
-            views += [(data.without(m), w) for m in data.taps]
+        p, mods = self.cfg.train.modality_dropout, list(data.taps)
+        if p > 0 and len(mods) > 1:
+            for k in range(1, len(mods)):
+                for gone in itertools.combinations(mods, k):
+                    view = data
+                    for m in gone:
+                        view = view.without(m)
+                    views.append((view, p ** k))
         return views
 
     @torch.no_grad()
