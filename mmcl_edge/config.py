@@ -67,9 +67,9 @@ class BaselineConfig:
     ewc_lambda: float = 1e4       # EWC: weight of the Fisher penalty
     buffer_size: int = 200        # ER: cached-tap samples kept (class-balanced)
     random_projection: int = 0    # ridge: width of the fixed random ReLU projection (0 = none)
-    ridge: float = 1e-3           # ridge: regularisation, relative to the mean feature energy
+    ridge: float = 1e-1           # ridge: regularisation, relative to the mean feature energy
     ranpac_projection: int = 4096  # ranpac: width of its fixed random ReLU projection
-    ranpac_ridge: float = 1e-3    # ranpac: regularisation, relative to the mean feature energy
+    ranpac_ridge: float = 1e-1    # ranpac: regularisation, relative to the mean feature energy
 
 
 @dataclass
@@ -80,7 +80,7 @@ class LearnConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     head: str = "analytic"        # "linear": the paper's trained head; "analytic": streaming ridge head
-    ridge: float = 1e-2           # analytic head: ridge strength relative to the mean feature energy
+    ridge: float = 1e-1           # analytic head: ridge strength relative to the mean feature energy
     drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift
     fused_weight: float = 2.0     # analytic head: scale of the adapted embedding beside the frozen taps
 
