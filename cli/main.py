@@ -38,7 +38,8 @@ EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfi
                    "ray": "scale", "PIL": "images"}
 
 
-COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency",
+COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency", "bench_soak": "bench soak",
+                 "bench_encoders": "bench encoders",
                  "download_fsdd": "data download-fsdd"}
 
 
@@ -562,6 +563,64 @@ def bench_encoders(
     t.add_row("all", "defaults", "", "", _pct(fused["validation_accuracy"]), _pct(fused["test_accuracy"]), "")
     out.print(t)
     out.print(f"results: {out_file}")
+
+
+@bench_app.command("soak")
+@user_errors
+def bench_soak(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+    minutes: float = typer.Option(10.0, min=0.01, help="How long to serve (the acceptance soak: 10)."),
+    threads: int = typer.Option(4, min=1, help="Client threads calling predict in a loop."),
+    provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+    out_file: Path = typer.Option(Path("bench-soak.json"), "--out", help="Where the JSON result goes."),
+):
+    """Soak: threads predict while the last task is re-learned and its packs hot-swapped in, for N minutes.
+
+    Requests, failures, swaps, p50/p99 and the serving process's resident memory (start, after warm-up, end). The learner re-learns the workspace's last task over and over (a new pack each time, in WS/packs): soak a copy of a workspace you care about. Ctrl-C stops early; the JSON is written.
+    """
+    require_extra("learn")  # the learner child; the serving side (this process) stays torch-free
+    from mmcl_edge.soak import run_soak
+
+    root = workspace.expanduser().resolve()
+    if not (root / "workspace.json").is_file():
+        raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
+    samples, why = _latency_samples(root)
+    if samples is None:
+        err.print(f"note: the workspace's test data cannot be loaded here ({why}); serving random inputs "
+                  "of the right shapes (answers are still checked)", highlight=False)
+    err.print(f"soak: {threads} client thread(s) for {minutes:g} min on {root}; the learner re-learns the last task "
+              "in a child process (Ctrl-C stops)", highlight=False)
+
+    def on_progress(s: dict) -> None:
+        p99 = "–" if s["p99_ms"] is None else f"{s['p99_ms']:.2f}"
+        rss = "–" if s["rss_mb"] is None else f"{s['rss_mb']:.0f}"
+        learner = "running" if s["learner_running"] else f"exited ({s['learner_exit_code']})"
+        err.print(f"{s['elapsed_s']:6.0f}s  requests {s['requests']}  failures {s['failures']}  swaps {s['swaps']}  "
+                  f"packs {s['packs_published']} (serving v{s['pack']:04d})  p99 {p99} ms  rss {rss} MB  "
+                  f"learner {learner}", highlight=False)
+
+    result = run_soak(root, minutes, threads, samples, providers=provider, progress=on_progress)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Soak — {result['seconds']:.0f}s, {threads} client thread(s), {result['inputs']} inputs"
+                    + (" (interrupted)" if result["interrupted"] else ""))
+    for c in ("requests", "failures", "swaps", "rejected", "packs published", "p50 ms", "p99 ms",
+              "RSS start / warm / end MB", "growth after warm-up", "learner exit"):
+        t.add_column(c, justify="right")
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    t.add_row(str(result["requests"]), str(result["failures"]), str(result["swaps"]), str(result["rejected_packs"]),
+              str(result["packs_published"]), f(result["p50_ms"], ".2f"), f(result["p99_ms"], ".2f"),
+              " / ".join(f(result[k], ".0f") for k in ("rss_start_mb", "rss_warm_mb", "rss_end_mb")),
+              f(result["rss_growth_after_warmup_pct"], "+.1f") + ("%" if result["rss_growth_after_warmup_pct"] is not None else ""),
+              str(result["learner_exit_code"]))
+    out.print(t)
+    for e in result["errors"]:
+        err.print(f"[red]failed:[/] {escape(e)}", highlight=False)
+    if result["learner_exit_code"] not in (0, None):
+        err.print("[yellow]learner:[/] " + escape(" | ".join(result["learner_output_tail"][-3:])), highlight=False)
+    out.print(f"results: {out_file}")
+    if result["interrupted"]:
+        raise typer.Exit(130)
 
 
 def _latency_samples(root: Path) -> tuple[dict | None, str]:

@@ -205,7 +205,7 @@ def timeseries(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Multichannel sensor series ``[T, C]`` (or ``[T]``), by the spec's encoding:
 
     - ``rocket`` (default): the standardised series ``[C, series_length]`` for the random-convolution
-      encoder, which measures how often and how strongly learned-free kernels at many dilations fire;
+      encoder, which measures how often and how strongly untrained kernels at many dilations fire;
     - ``raw``: the standardised series at ``RAW_SERIES_LENGTH`` steps;
     - ``spectrogram``: per-channel log-power spectrograms stacked top to bottom into one image for
       the ImageNet CNN (rhythm and frequency content per channel).

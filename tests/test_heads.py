@@ -120,6 +120,22 @@ def test_ridge_head_transform_equals_updating_with_moved_features():
     torch.testing.assert_close(moved.class_sums, direct.class_sums)
 
 
+def test_ridge_head_transform_fast_path_equals_the_full_product():
+    """With the first columns of the map the identity (frozen features), only the moving block is
+    recomputed; the sums must be those of the full m^T G m."""
+    f, y = _data(30, 7, 3, seed=6)
+    m = torch.eye(7, dtype=torch.float64)
+    m[:, 4:] = torch.randn(7, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    full, fast = StreamingRidgeHead(7, 3), StreamingRidgeHead(7, 3)
+    for h in (full, fast):
+        h.update(f, y)
+    full.transform(m)
+    fast.transform(m, keep=4)
+    torch.testing.assert_close(fast.gram, full.gram)
+    torch.testing.assert_close(fast.class_sums, full.class_sums)
+    torch.testing.assert_close(fast.gram, fast.gram.T)
+
+
 def test_fit_drift_map_recovers_linear_drift():
     rng = np.random.default_rng(0)
     n, n_fixed, n_adapted = 200, 4, 3

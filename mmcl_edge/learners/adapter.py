@@ -183,7 +183,8 @@ class AdapterLearner(Learner):
         head, views = self.model.analytic, self._analytic_views(data)
         after = [self._features(v) for v, _ in views]
         if before is not None:
-            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), self.model.fixed_feature_dim()))
+            n_fixed = self.model.fixed_feature_dim()
+            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), n_fixed), keep=n_fixed)
         y = torch.from_numpy(data.y).long()
         for f, (_, weight) in zip(after, views):
             head.update(f, y, weight)
