@@ -123,7 +123,7 @@ RANGES = {  # key: (low, high, low inclusive); None = unbounded
     "baselines.buffer_size": (0, None, True), "baselines.random_projection": (0, None, True),
     "baselines.ridge": (0.0, None, True), "ridge": (0.0, None, True), "fused_weight": (0.0, None, True),
     "baselines.ranpac_projection": (1, 1 << 16, True), "baselines.ranpac_ridge": (0.0, None, True),
-    "train.modality_dropout": (0.0, 1.0, False),
+    "train.modality_dropout": (0.0, 1.0, True),
 }
 NON_NEGATIVE_PREFIX = ("loss.",)  # loss weights: 0 switches a term off, negative is never meant
 
