@@ -229,7 +229,11 @@ def run_soak(root, minutes: float, threads: int = 4, samples: dict | None = None
     versions_before = set(layout.pack_versions(root))
     pack_start = rt.pack.version
     seconds = 60.0 * minutes
-    warmup = min(0.1 * seconds, 20.0)
+    # Warm-up: the first 10% of the run, at least 20 s (never more than half of a short run). The
+    # runtime's arenas keep growing for the first minute under 4 threads and three backbones
+    # (measured: 299 MB at 20 s, 333 MB at 40 s, then 339 MB flat): growth after a 20-s warm-up
+    # on a 10-minute soak read 13%, against 1.8% from 40 s on.
+    warmup = min(max(0.1 * seconds, 20.0), 0.5 * seconds)
     stop, errors = threading.Event(), _Errors()
     rt.start_watcher()
     learner = _Learner(root, learner_command)
