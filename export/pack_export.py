@@ -1,8 +1,11 @@
 """Pack export: after every learned task, the MMEncoder + head become a small, self-describing pack.
 
-    WS/packs/v0003/pack.onnx            taps of all modalities -> logits, fused embedding
-    WS/packs/v0003/weights.safetensors  the same weights (no pickle), for the learner and audits
+    WS/packs/v0003/pack.onnx            taps of all modalities -> logits, fused embedding; the one copy
+                                        of the weights, stored as float16 and computed in float32
     WS/packs/v0003/manifest.json        what the runtime validates before the pack may serve
+
+(Packs before 0.3 also carried ``weights.safetensors``, a second copy; the runtime still reads them.
+The learner's own state, with the ridge head's running sums, lives in ``WS/state``.)
     WS/current                          name of the pack to serve, replaced atomically
 
 A pack is written into a hidden temporary folder, its files fsynced, signed when the workspace
@@ -24,7 +27,7 @@ from torch import nn
 
 from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
 from mmcl_edge.runtime import layout
-from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT, WEIGHTS_FILE, pack_digest
+from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT, pack_digest
 
 
 class PackGraph(nn.Module):
@@ -51,6 +54,50 @@ def pack_inputs(model) -> list[dict]:
             for m, taps in model.encoder.modality_taps.items() for t in taps]
 
 
+HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they cost nothing on disk
+
+
+def store_half(path: Path, min_elements: int = HALF_MIN_ELEMENTS) -> dict:
+    """Rewrite the ONNX file at ``path`` with its large float32 weights stored as float16 (and
+    without the exporter's per-node provenance notes, which outweighed the graph itself).
+
+    Each such initializer becomes ``Cast(float16 -> float32)`` at the head of the graph, so every
+    operator still computes in float32; onnxruntime folds the casts once when it loads the pack.
+    Returns the byte counts before and after.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    casts, kept = [], []
+    before = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in graph.initializer)
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                          name=f"{init.name}__to_fp32"))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    for node in nodes:  # the exporter's per-node provenance (source lines, module paths): ~1 KB a node
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    del graph.value_info[:]  # intermediate shapes: onnxruntime infers them when it loads the pack
+    onnx.checker.check_model(model, full_check=True)
+    tmp = path.with_name(f".{path.name}.half")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(path)
+    after = sum(len(t.raw_data) or 2 * int(np.prod(t.dims)) for t in graph.initializer)
+    return {"weights_bytes_fp32": before, "weights_bytes_stored": after}
+
+
 def next_version(packs_dir: Path) -> int:
     return layout.next_version(Path(packs_dir).parent)
 
@@ -58,8 +105,6 @@ def next_version(packs_dir: Path) -> int:
 def export_pack(model, folder: Path, *, version: int, task: int, classes: list, label_names: list[str],
                 setting: str, preprocess: dict, backbones: dict[str, str], extra: dict | None = None) -> dict:
     """Write a complete pack into ``folder`` (which must not exist) and return its manifest."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True)
     model = model.eval()
@@ -68,9 +113,8 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
     example = (*(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs), torch.ones(2, len(modalities)))
     export_onnx(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs] + [PRESENT_INPUT],
                 ["logits", "fused"])
-    save_file(model.inference_state(), str(folder / WEIGHTS_FILE),
-              metadata={"description": json.dumps(model.describe())})
-    files = {name: sha256_file(folder / name) for name in (ONNX_FILE, WEIGHTS_FILE)}
+    sizes = store_half(folder / ONNX_FILE)
+    files = {ONNX_FILE: sha256_file(folder / ONNX_FILE)}
     manifest = {
         "schema": PACK_SCHEMA,
         "version": version,
@@ -86,6 +130,7 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
         "opset": OPSET,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
+        "weights": {"stored": "float16", "compute": "float32", **sizes},
         **(extra or {}),
     }
     manifest["sha256"] = pack_digest(manifest)

@@ -20,6 +20,8 @@ class EncoderConfig:
     depths: int = 3           # adapter depths; each reads one tap of every modality
     cross_modal_routing: bool = True  # router sees all modalities (False: each modality alone)
     dropout: float = 0.1
+    tap_rank: int = 32        # features each tap token is reduced to before the projection (0: none,
+                              # the flattened tokens are projected directly, as packs before 0.3 did)
 
 
 @dataclass
@@ -115,6 +117,7 @@ CHOICES = {"head": ("analytic", "linear"), "loss.ce_scope": ("all", "task")}
 RANGES = {  # key: (low, high, low inclusive); None = unbounded
     "encoder.width": (1, 65536, True), "encoder.experts": (1, 1024, True), "encoder.top_k": (1, 1024, True),
     "encoder.bottleneck": (1, 65536, True), "encoder.depths": (1, 64, True), "encoder.dropout": (0.0, 1.0, True),
+    "encoder.tap_rank": (0, 65536, True),
     "loss.temperature": (0.0, None, False), "loss.align_temperature": (0.0, None, False),
     "freeze.per_task": (0, None, True), "freeze.min_plastic": (0, None, True), "freeze.mass_weight": (0.0, 1.0, True),
     "train.epochs": (0, 100000, True), "train.batch_size": (1, 1 << 20, True), "train.lr": (0.0, None, False),

@@ -26,15 +26,24 @@ def tap_for_depth(depth: int, depths: int, n_taps: int) -> int:
 
 
 class TapProjection(nn.Module):
-    """``[B, T, D]`` tokens -> ``[B, W]``: normalise each token, flatten (keeps layout), project."""
+    """``[B, T, D]`` tokens -> ``[B, W]``: normalise each token, reduce it to ``rank`` features with
+    one map shared by all tokens, flatten (keeps the token layout: time, space), project.
 
-    def __init__(self, tap: TapSpec, width: int):
+    ``rank`` 0 projects the flattened ``T * D`` tokens directly (packs before 0.3): on wide taps
+    (1,280 channels x 4 tokens) that one matrix was most of a pack's bytes and of its run time.
+    """
+
+    def __init__(self, tap: TapSpec, width: int, rank: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(tap.dim)
-        self.proj = nn.Linear(tap.tokens * tap.dim, width)
+        self.reduce = nn.Linear(tap.dim, rank, bias=False) if 0 < rank < tap.dim else None
+        self.proj = nn.Linear(tap.tokens * (rank if self.reduce is not None else tap.dim), width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(tokens).flatten(1))
+        x = self.norm(tokens)
+        if self.reduce is not None:
+            x = self.reduce(x)
+        return self.proj(x.flatten(1))
 
 
 @dataclass
@@ -53,7 +62,8 @@ class MMEncoder(nn.Module):
         self.modality_taps = {m: tuple(t) for m, t in modality_taps.items()}
         m_count, w = len(self.modalities), cfg.width
         self.proj = nn.ModuleList(
-            nn.ModuleList(TapProjection(taps[tap_for_depth(l, cfg.depths, len(taps))], w) for l in range(cfg.depths))
+            nn.ModuleList(TapProjection(taps[tap_for_depth(l, cfg.depths, len(taps))], w, cfg.tap_rank)
+                          for l in range(cfg.depths))
             for taps in self.modality_taps.values())
         self.routers = nn.ModuleList(
             CrossModalRouter(m_count, w, cfg.experts, cfg.top_k, cfg.cross_modal_routing) for _ in range(cfg.depths))
@@ -82,8 +92,7 @@ class MMEncoder(nn.Module):
                 u = u * mask
             states = u if states is None else states + u
             g, p = self.routers[l](states)                          # [B, M, E]
-            expert_out = self.pools[l](self.expert_norm[l](states))  # [B, M, E, W]
-            states = states + (g.unsqueeze(-1) * expert_out).sum(dim=2)
+            states = states + self.pools[l].mix(self.expert_norm[l](states), g)
             gates.append(g)
             probs.append(p)
         z = torch.stack([norm(states[:, i]) for i, norm in enumerate(self.out_norm)], dim=1)

@@ -82,7 +82,8 @@ class MMCLModel(nn.Module):
     def from_description(cls, d: dict) -> "MMCLModel":
         taps = {m: tuple(TapSpec(**t) for t in ts) for m, ts in d["modality_taps"].items()}
         blocks = d["head_blocks"]
-        model = cls(taps, EncoderConfig(**d["encoder"]), d["setting"], n_classes=d.get("n_classes", sum(blocks)),
+        # a description without tap_rank is from before 0.3, when taps were projected at full rank
+        model = cls(taps, EncoderConfig(**{"tap_rank": 0, **d["encoder"]}), d["setting"], n_classes=d.get("n_classes", sum(blocks)),
                     head_blocks=blocks, head_mode=d.get("head_mode", "linear"), ridge=d.get("ridge", 1e-2),
                     fused_weight=d.get("fused_weight", 2.0))
         return model

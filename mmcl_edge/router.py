@@ -24,9 +24,10 @@ class CrossModalRouter(nn.Module):
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``states [B, M, W]`` -> (dense gates ``[B, M, E]`` zero outside top-k, router probs)."""
         h = self.norm(states)
-        if self.cross_modal:
-            joint = h.flatten(1)
-            logits = torch.stack([p(joint) for p in self.proj], dim=1)
+        if self.cross_modal:  # every modality's router reads all states: one product for all of them
+            w = torch.cat([p.weight for p in self.proj], dim=0)          # [M*E, M*W]
+            b = torch.cat([p.bias for p in self.proj], dim=0)
+            logits = torch.nn.functional.linear(h.flatten(1), w, b).unflatten(-1, (self.m, self.e))
         else:
             logits = torch.stack([p(h[:, i]) for i, p in enumerate(self.proj)], dim=1)
         top_val, top_idx = logits.topk(self.k, dim=-1)

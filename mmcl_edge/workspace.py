@@ -52,7 +52,11 @@ class Workspace:
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "source" not in meta:
             raise WorkspaceError(f"{self.root / layout.WORKSPACE_FILE} is not a workspace description "
                                  "(no 'source' or 'config')")
-        self.config = LearnConfig.from_dict(meta["config"])
+        config = meta["config"]
+        if isinstance(config.get("encoder"), dict) and "tap_rank" not in config["encoder"]:
+            # a workspace from before 0.3 keeps full-rank tap projections: its saved states have them
+            config = {**config, "encoder": {**config["encoder"], "tap_rank": 0}}
+        self.config = LearnConfig.from_dict(config)
         self._scenario: Scenario | None = None
         self._source: TapSource | None = None
         self.log: Callable[[str], None] | None = None  # where recovery notes go (the CLI prints them)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mmcl_edge.runtime.trust import SIGNATURE_FILE
 PACK_SCHEMA = "mmcl-edge.pack/1"
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "pack.onnx"
-WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FILE = "weights.safetensors"   # optional (packs before 0.3): checked when listed
 PRESENT_INPUT = "present"   # [B, M] graph input: 1 where a sample has the modality (packs since v0.2)
 
 # key -> type the manifest must hold
@@ -124,11 +125,13 @@ def check_safetensors(path: Path) -> dict:
     return tensors
 
 
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: Path, contents: dict[str, bytes] | None = None) -> dict:
     """Load and check a pack's manifest and files; raises ``PackRejected`` with the reason.
 
     The folder must hold exactly the manifest, the files it lists (each a regular file, not a
-    link, matching its sha256) and optionally ``signature.json``.
+    link, matching its sha256) and optionally ``signature.json``. ``contents``, when given,
+    receives the graph's bytes exactly as they were hashed (so the bytes checked are the bytes
+    loaded, and the file is read once).
     """
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
@@ -158,9 +161,8 @@ def read_manifest(folder: Path) -> dict:
         raise PackRejected(f"{path}: the manifest cannot be hashed ({exc})") from None
     if digest != manifest["sha256"]:
         raise PackRejected(f"{path}: the manifest does not match its sha256 (edited or corrupt)")
-    for name in (ONNX_FILE, WEIGHTS_FILE):
-        if name not in manifest["files"]:
-            raise PackRejected(f"{path}: no sha256 recorded for {name}")
+    if ONNX_FILE not in manifest["files"]:
+        raise PackRejected(f"{path}: no sha256 recorded for {ONNX_FILE}")
     allowed = set(manifest["files"]) | {MANIFEST_FILE, SIGNATURE_FILE}
     for entry in os.scandir(folder):
         if entry.is_symlink():
@@ -173,9 +175,18 @@ def read_manifest(folder: Path) -> dict:
         file = folder / name
         if not file.is_file():
             raise PackRejected(f"{folder}: {name} is missing")
-        if sha256_file(file) != digest:
+        if name == ONNX_FILE and contents is not None:
+            if file.stat().st_size > MAX_WEIGHTS_BYTES:
+                raise PackRejected(f"{file} is larger than {MAX_WEIGHTS_BYTES >> 20} MB")
+            data = file.read_bytes()
+            ok = sha256_bytes(data) == digest
+            contents[name] = data
+        else:
+            ok = sha256_file(file) == digest
+        if not ok:
             raise PackRejected(f"{folder}: {name} does not match the sha256 in its manifest (corrupt or truncated)")
-    check_safetensors(folder / WEIGHTS_FILE)
+    if WEIGHTS_FILE in manifest["files"]:  # packs before 0.3 carried a second copy of the weights
+        check_safetensors(folder / WEIGHTS_FILE)
     return manifest
 
 
@@ -189,6 +200,7 @@ class Pack:
     input_names: list[str]          # the taps the graph reads
     modalities: list[str]           # order of the ``present`` columns
     handles_missing: bool = False   # the graph has a ``present`` input (a modality may be absent)
+    load_ms: dict = field(default_factory=dict)  # where loading it went: verify, session, warmup
 
     @property
     def version(self) -> int:
@@ -255,7 +267,9 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
     """
     policy = policy or PackPolicy()
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    t0 = time.perf_counter()
+    contents: dict[str, bytes] = {}
+    manifest = read_manifest(folder, contents)
     check_identity(folder, manifest, policy)
     mine = {m: e["identity"] for m, e in backbones.items()}
     if manifest["backbones"] != mine:
@@ -267,13 +281,12 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
                 for i in manifest["inputs"]]
     if sorted(declared, key=lambda d: str(d.get("name")) if isinstance(d, dict) else "") != sorted(expected, key=lambda d: d["name"]):
         raise PackRejected(f"{folder}: its inputs {str(declared)[:300]} do not match the backbones' taps {expected}")
-    data = (folder / ONNX_FILE).read_bytes()
-    if sha256_bytes(data) != manifest["files"][ONNX_FILE]:  # the bytes checked are the bytes loaded
-        raise PackRejected(f"{folder}: {ONNX_FILE} changed while it was being validated")
+    data = contents[ONNX_FILE]  # the bytes hashed above are the bytes checked and loaded
     try:
         check_graph_bytes(data, policy.allowed_ops)
     except PackRejected as exc:
         raise PackRejected(f"{folder}: {exc}") from None
+    t1 = time.perf_counter()
     try:
         session = prov.session(data, providers, threads)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
@@ -296,7 +309,9 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
     if handles_missing and sorted(modalities) != sorted(backbones):
         raise PackRejected(f"{folder}: its modalities {modalities} are not the backbones' {list(backbones)}")
     pack = Pack(folder, manifest, session, tap_names, list(modalities), handles_missing)
+    t2 = time.perf_counter()
     _warm_up(pack, backbones, policy.warmup_seconds)
+    pack.load_ms = {"verify": 1e3 * (t1 - t0), "session": 1e3 * (t2 - t1), "warmup": 1e3 * (time.perf_counter() - t2)}
     return pack
 
 

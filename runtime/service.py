@@ -129,9 +129,11 @@ class Runtime:
                 raise
             if self.policy.workspace_id is None and new.manifest.get("workspace_id"):
                 self.policy.workspace_id = new.manifest["workspace_id"]  # pinned by the first pack
+            t0 = time.perf_counter()
             with self._lock:
                 self.swaps += self._pack is not None
                 self._pack = new
+            new.load_ms["switch"] = 1e3 * (time.perf_counter() - t0)
         return new
 
     def swap_in_background(self, pack: str | Path) -> Future:
