@@ -2,7 +2,9 @@
 
 ``WS/backbones/backbones.json`` records, per modality, the ONNX file and its sha256, the
 backbone's identity (hash of architecture + weights, the key packs are checked against), its taps
-and the preprocessing the runtime must apply before it.
+and the preprocessing the runtime must apply before it. A modality may serve a lower-precision
+file instead (``export/quantize.py``): the entry then names that file, its ``precision`` and an
+identity with the precision as suffix; ``base_identity`` and ``fp32_file`` keep the FP32 export.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from mmcl_edge.backbones import TappedBackbone
 from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
+from mmcl_edge.export.quantize import base_identity, entry_precision, with_precision
 from mmcl_edge.preprocess import PreprocessSpec
 
 INPUT_NAME = "x"
@@ -27,7 +30,8 @@ def export_backbone(backbone: TappedBackbone, path: Path) -> str:
 
 
 def backbone_entry(modality: str, backbone: TappedBackbone, spec: PreprocessSpec, file: str, sha: str) -> dict:
-    return {"modality": modality, "name": backbone.name, "identity": backbone.identity(), "file": file,
+    return {"modality": modality, "name": backbone.name, "identity": backbone.identity(),
+            "base_identity": backbone.identity(), "precision": "fp32", "file": file,
             "sha256": sha, "input": INPUT_NAME, "input_shape": list(backbone.input_shape), "opset": OPSET,
             "taps": [vars(t) for t in backbone.taps], "preprocess": spec.to_dict()}
 
@@ -39,22 +43,34 @@ def read_index(folder: Path) -> dict:
 
 def ensure_backbones(folder: Path, backbones: dict[str, TappedBackbone], specs: dict[str, PreprocessSpec],
                      force: bool = False, log=None) -> dict:
-    """Export the backbones not yet exported (or whose identity changed); returns the index."""
+    """Export the backbones not yet exported (or whose identity changed); returns the index.
+
+    The FP32 identity decides; a modality served in a lower precision keeps it while its weights
+    are unchanged (also when ``force`` re-exports the FP32 file) and its file is there.
+    """
     folder = Path(folder)
     index = read_index(folder)
     changed = False
     for m, bb in backbones.items():
         have = index["modalities"].get(m)
         file = f"{m}.onnx"
-        if (not force and have and have["identity"] == bb.identity() and (folder / file).is_file()
-                and have["preprocess"] == specs[m].to_dict()):
+        same = have is not None and base_identity(have) == bb.identity() and have["preprocess"] == specs[m].to_dict()
+        if not force and same and (folder / file).is_file() and (folder / have["file"]).is_file():
             continue
         if log:
             log(f"exporting the {m} backbone ({bb.name}) to ONNX ...")
         start = time.perf_counter()
         sha = export_backbone(bb, folder / file)
-        index["modalities"][m] = backbone_entry(m, bb, specs[m], file, sha)
-        index["modalities"][m]["export_seconds"] = round(time.perf_counter() - start, 2)
+        entry = backbone_entry(m, bb, specs[m], file, sha)
+        entry["export_seconds"] = round(time.perf_counter() - start, 2)
+        precision = entry_precision(have) if have else "fp32"
+        if (precision != "fp32" and same and (folder / have["file"]).is_file()
+                and sha256_file(folder / have["file"]) == have["sha256"]):
+            entry = with_precision(entry, precision, have["file"], have["sha256"], have.get("quantization"))
+        elif precision != "fp32" and log:
+            log(f"the {m} backbone changed: its {precision.upper()} file no longer fits and FP32 serves; "
+                f"'mmcl-edge export --precision {precision}' converts it again")
+        index["modalities"][m] = entry
         changed = True
     if changed:
         index["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
