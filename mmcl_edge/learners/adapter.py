@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from mmcl_edge import freezing, losses
+from mmcl_edge import freezing, losses, threads
 from mmcl_edge.analytic import fit_drift_map
 from mmcl_edge.config import LearnConfig
 from mmcl_edge.learners.base import Learner, TaskData
@@ -42,6 +42,7 @@ class AdapterLearner(Learner):
 
     def __init__(self, config: LearnConfig, modality_taps, setting: str, n_classes: int, model: MMCLModel | None = None):
         self.cfg = config
+        threads.apply_torch(config.train.threads)  # before the first task's taps are extracted, too
         self.setting = setting
         self.model = model or self.new_model(modality_taps, setting, n_classes)
         self.old: MMCLModel | None = None
@@ -71,8 +72,7 @@ class AdapterLearner(Learner):
         start = time.perf_counter()  # learning time: training, freezing and the head, all of it
         seed = cfg.train.seed * 1000 + task_index
         torch.manual_seed(seed)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads.apply_torch(cfg.train.threads)  # train.threads, else the thread policy (mmcl_edge.threads)
         n_old = model.head.num_outputs if self.setting == "class-il" else 0
         model.head.grow(n_seen - model.head.num_outputs)
         train = self.training_data(data)
