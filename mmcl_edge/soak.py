@@ -34,21 +34,11 @@ from typing import Callable
 
 import numpy as np
 
+from mmcl_edge.runtime.memory import rss_mb
+
 MAX_ERRORS = 5                       # failure messages kept (the count is exact)
 _LO_MS, _RATIO, _BINS = 0.01, 1.02, 1000   # latency histogram: 0.01 ms .. ~4e6 ms, 2% wide bins
 _LOG_RATIO = math.log(_RATIO)
-
-
-def rss_mb() -> float | None:
-    """Resident memory of this process (VmRSS in /proc/self/status), MB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _bin(ms: float) -> int:

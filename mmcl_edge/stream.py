@@ -15,6 +15,7 @@ from mmcl_edge.data import Scenario
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.metrics import summarise
 from mmcl_edge.preprocess import ENCODINGS
+from mmcl_edge.runtime import memory
 from mmcl_edge.taps import TapCache, backbone_for
 
 
@@ -76,6 +77,7 @@ def learn_one_task(scenario: Scenario, learner: Learner, source: TapSource, t: i
     """Learn task ``t`` and evaluate on every task; returns (row of R, task record)."""
     task = scenario.tasks[t]
     lmap = label_map(scenario, t)
+    per_task_peak = memory.reset_peak()
     data, extract_s, extracted = source.taps("train", task.train_idx, lmap, f"task {t} train")
     if train_override is not None:
         data = train_override
@@ -92,7 +94,9 @@ def learn_one_task(scenario: Scenario, learner: Learner, source: TapSource, t: i
         row.append(float(np.mean(learner.predict(test) == test.y)) if len(test) else None)
     record = {"index": t, "name": task.name, "classes": [scenario.class_names[c] for c in task.classes],
               "train_samples": int(len(task.train_idx)), "extract_seconds": extract_s,
-              "samples_extracted": extracted, **info}
+              "samples_extracted": extracted, **info,
+              # resident memory of the learning process: its peak during this task (else since it began)
+              "peak_rss_mb": memory.peak_rss_mb(), "peak_rss_scope": "task" if per_task_peak else "process"}
     return row, record
 
 
