@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from mmcl_edge.errors import ConfigError, RuntimeUserError, WorkspaceError
+from mmcl_edge.threads import apply_env_defaults
+
+apply_env_defaults()  # the thread policy's OpenMP wait policy, before any command imports torch (mmcl_edge/threads.py)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
@@ -39,7 +42,7 @@ EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfi
 
 
 COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency", "bench_soak": "bench soak",
-                 "bench_encoders": "bench encoders",
+                 "bench_encoders": "bench encoders", "bench_swap": "bench swap", "bench_learn": "bench learn",
                  "download_fsdd": "data download-fsdd"}
 
 
@@ -200,8 +203,9 @@ def learn(
               f"{', '.join(f'{m} ({s.kind})' for m, s in sc.specs.items())}; workspace {ws.root}")
 
     def on_task(k, row, rec):
+        peak = f", peak {rec['peak_rss_mb']:.0f} MB resident" if rec.get("peak_rss_mb") else ""
         err.print(f"task {k} ({rec['name']}): learned in {rec['train_seconds']:.1f}s "
-                  f"(taps {rec['extract_seconds']:.1f}s); accuracy now "
+                  f"(taps {rec['extract_seconds']:.1f}s{peak}); accuracy now "
                   + " ".join(_pct(v).strip() for v in row if v is not None))
 
     report = ws.learn(task=task, force=force, progress=progress_bar, on_task=on_task)
@@ -229,18 +233,29 @@ def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-
 @app.command()
 @user_errors
 def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
-           force: bool = typer.Option(False, help="Re-export the backbones even if their identity is unchanged."),
+           force: bool = typer.Option(False, help="Re-export the backbones even if their identity is unchanged; "
+                                                  "with --precision, convert again and accept any accuracy drop."),
            tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt",
                                                    help="Build TensorRT engines (default: when TensorRT and a GPU are present)."),
-           fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it.")):
+           fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it."),
+           precision: Optional[str] = typer.Option(None, help="Serve the backbones in fp32, fp16 or int8 (default: "
+                                                   "keep the workspace's, fp32 when new). int8/fp16 are checked: "
+                                                   "the current pack's test accuracy on the new taps."),
+           max_accuracy_drop: float = typer.Option(1.0, help="With --precision: refuse a larger drop, in "
+                                                   "accuracy points (unless --force)."),
+           threads: int = typer.Option(0, help="With --precision: onnxruntime threads for the checks and "
+                                       "timings (0: as the runtime chooses).")):
     """Export the workspace's frozen backbones to ONNX (once) and publish the latest pack if missing."""
     require_extra("learn")
     from mmcl_edge.export.backbone_export import ensure_backbones, read_index, verify_index
+    from mmcl_edge.export.quantize import change_precision, check_precision
     from mmcl_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
     from mmcl_edge.runtime.tensorrt_backend import tensorrt_available
     from mmcl_edge.workspace import Workspace
 
 
+    if precision is not None:
+        precision = check_precision(precision)
     ws = Workspace.open(workspace)
     ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
     with ws.lock("export"):
@@ -251,15 +266,42 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
         problems = verify_index(ws.root / "backbones")
         if problems:
             raise WorkspaceError("; ".join(problems))
+        notes = [n for n in ws.recover() if n.startswith("task") and "published" in n]  # the last task's pack, if missing
+        report = None
+        if precision is not None:
+            report = change_precision(ws, precision, max_accuracy_drop=max_accuracy_drop, force=force,
+                                      threads=threads, log=err.print)
+            index = read_index(ws.root / "backbones")
         t = Table(title=f"Backbones in {ws.root / 'backbones'}")
         for c in ("modality", "backbone", "identity", "onnx sha256", "taps"):
             t.add_column(c)
         for m, e in index["modalities"].items():
             t.add_row(m, e["name"], e["identity"], e["sha256"][:16], ", ".join(f"{x['name']} {x['tokens']}x{x['dim']}" for x in e["taps"]))
         out.print(t)
-        for note in ws.recover():  # publishes the last learned task's pack when it is missing
-            if note.startswith("task") and "published" in note:
-                out.print(note)
+        for note in notes:
+            out.print(note)
+        if report is not None and not report.changed:
+            out.print(f"the backbones already serve {precision} (--force converts again)")
+        elif report is not None and precision == "fp32":
+            out.print("the backbones serve fp32 again" + (f"; published {report.pack}" if report.pack else ""))
+        elif report is not None:
+            p = precision
+            t = Table(title=f"{p} vs fp32, batch 1, CPU")
+            for c in ("modality", "fp32 ms", f"{p} ms", "speed-up", "cos min", "max abs"):
+                t.add_column(c, justify="left" if c == "modality" else "right")
+            for m, r in report.modalities.items():
+                t.add_row(m, f"{r['ms_fp32']:.2f}", f"{r[f'ms_{p}']:.2f}", f"{r['speedup']:.2f}x",
+                          f"{r['parity']['cosine_min']:.4f}", f"{r['parity']['max_abs']:.3g}")
+            out.print(t)
+            a = report.accuracy
+            if a:
+                out.print(f"accuracy on {a['samples']} test samples ({a['pack']}): fp32 {a['fp32']:.2f}%, "
+                          f"{p} {a[p]:.2f}% (drop {a['fp32'] - a[p]:.2f} points; predictions agree on "
+                          f"{a['agreement']:.2f}%)")
+            else:
+                out.print(f"accuracy not checked: {ws.root} has no pack yet (--force)")
+            if report.pack:
+                out.print(f"published {report.pack} for the {p} backbones")
     available, why = tensorrt_available()
     if tensorrt or (tensorrt is None and available):
         try:
@@ -536,6 +578,65 @@ def bench_cl(
         out.print(f"{len(paths)} plots in {plot}")
 
 
+@bench_app.command("learn")
+@user_errors
+def bench_learn(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="An existing workspace (its scenario "
+                                                                                 "and config; nothing in it is changed)."),
+    task: int = typer.Option(0, help="Which task of the stream to learn (0-based)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the workspace's train.epochs)."),
+    max_samples: Optional[int] = typer.Option(None, help="Use the first N of a seeded shuffle of the task's training "
+                                                         "samples, the same for every path (bounds the backprop path)."),
+    while_serving: bool = typer.Option(False, "--while-serving", help="Instead: learn beside a runtime serving at "
+                                                                      "batch 1 in another process; both sides quiet vs together."),
+    serve_seconds: float = typer.Option(10.0, min=0.5, help="With --while-serving: how long the runtime serves alone."),
+    thread_policy: str = typer.Option("on", help="on: the thread policy (mmcl_edge/threads.py); off: library "
+                                                 "defaults in the measured processes (the 'before')."),
+    out_file: Path = typer.Option(Path("bench-learn.json"), "--out", help="Where the JSON result goes."),
+):
+    """Learning cost: one task on cached taps vs back-propagating through the backbone, each in a fresh process.
+
+    Time and peak resident memory of each path and the ratio (b)/(a); the full method's learn_task on taps for reference. --while-serving: learn time and the runtime's p50/p99 latency, each quiet vs while the other runs.
+    """
+    require_extra("learn")
+    from mmcl_edge.cli.progress import progress_bar
+    from mmcl_edge.learn_bench import run_learn_bench, run_while_serving
+
+    if thread_policy not in ("on", "off"):
+        raise ConfigError(f"--thread-policy must be on or off, not {thread_policy!r}")
+    policy = thread_policy == "on"
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    if while_serving:
+        result = run_while_serving(workspace, task, epochs, max_samples, serve_seconds, policy, progress_bar,
+                                   log=lambda s: err.print(s, highlight=False))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(result, indent=2))
+        lr, sv = result["learn"], result["serve"]
+        t = Table(title=f"Learning beside serving — {result['scenario']} task {task}, thread policy {thread_policy}")
+        for c in ("measure", "alone", "together", "ratio"):
+            t.add_column(c, justify="left" if c == "measure" else "right")
+        t.add_row("learn s", f(lr["quiet_s"], ".2f"), f(lr["while_serving_s"], ".2f"), f(lr["ratio"], ".2f"))
+        for q in ("p50", "p99"):
+            t.add_row(f"serve {q} ms", f(sv["quiet"][f"{q}_ms"], ".2f"), f(sv["while_learning"][f"{q}_ms"], ".2f"),
+                      f(sv[f"{q}_ratio"], ".2f"))
+        out.print(t)
+    else:
+        result = run_learn_bench(workspace, task, epochs, max_samples, policy, progress_bar)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(result, indent=2))
+        p = result["paths"]
+        sub = f", {result['samples']} of {result['task_train_samples']} samples" if result["subsampled"] else ""
+        t = Table(title=f"Learning one task — {result['scenario']} task {task}, {result['epochs']} epochs{sub}")
+        for c in ("path", "time s", "peak MB"):
+            t.add_column(c, justify="left" if c == "path" else "right")
+        t.add_row("(a) taps", f(p["taps"]["seconds"], ".1f"), f(p["taps"]["peak_rss_mb"], ".0f"))
+        t.add_row("(b) backprop", f(p["backprop"]["seconds"], ".1f"), f(p["backprop"]["peak_rss_mb"], ".0f"))
+        t.add_row("(b)/(a)", f(result["ratio_seconds"], ".1f") + "x", f(result["ratio_peak_rss"], ".1f") + "x")
+        t.add_row("full method", f(p["full"]["seconds"], ".1f"), f(p["full"]["peak_rss_mb"], ".0f"))
+        out.print(t)
+    out.print(f"results: {out_file}")
+
+
 @bench_app.command("encoders")
 @user_errors
 def bench_encoders(
@@ -653,30 +754,46 @@ def bench_latency(
     repeats: int = typer.Option(50, min=5, help="Timed calls per batch size."),
     provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
     threads: int = typer.Option(0, help="Threads per session and for PyTorch (0: library default)."),
+    memory: bool = typer.Option(True, help="Measure the runtime's resident memory in a fresh process."),
     out_file: Path = typer.Option(Path("bench-latency.json"), "--out", help="Where the JSON result goes."),
 ):
-    """Per-stage latency of the runtime (p50/p95/p99), ONNX Runtime vs PyTorch eager, swap time."""
+    """Per-stage latency of the runtime (p50/p95/p99) against its bare backbones and PyTorch eager;
+    each backbone's FLOPs and achieved GFLOP/s; resident memory; model, pack and swap costs."""
     import importlib.util
     import time
 
     from mmcl_edge.runtime import Runtime
-    from mmcl_edge.runtime.latency import example_inputs, measure_predict, measure_swap, percentiles
+    from mmcl_edge.runtime.latency import (example_inputs, measure_bare_backbones, measure_predict, measure_swap,
+                                           percentiles, runtime_footprint)
 
     root = workspace.expanduser().resolve()
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
     rt = Runtime(root, providers=provider, threads=threads)
-    result = {"workspace": str(root), "providers": rt.providers, "backbones": rt.backbones.backends,
-              "pack_kb": sum(f.stat().st_size for f in rt.pack.folder.iterdir()) // 1024, "batches": {}}
+    bb_dir = root / "backbones"
+    result = {"workspace": str(root), "providers": rt.providers, "pack_providers": rt.pack_providers,
+              "backbones": rt.backbones.backends,
+              "pack_kb": sum(f.stat().st_size for f in rt.pack.folder.iterdir()) // 1024,
+              "pack_bytes": {f.name: f.stat().st_size for f in rt.pack.folder.iterdir()},
+              "backbone_bytes": {m: (bb_dir / e["file"]).stat().st_size for m, e in rt.backbones.index.items()},
+              "batches": {}}
     samples, why = _latency_samples(root)
     if samples is None:
         err.print(f"note: the workspace's test data cannot be loaded here ({why}); timing random inputs "
                   "of the right shapes", highlight=False)
         result["inputs"] = "random"
     try:
+        have_onnx = importlib.util.find_spec("onnx") is not None
         have_torch = importlib.util.find_spec("torch") is not None
     except (ImportError, ValueError):
-        have_torch = False
+        have_onnx = have_torch = False
+    if have_onnx:
+        from mmcl_edge.export.flops import count_flops, reference_gflops
+
+        result["backbone_flops"] = {m: count_flops(bb_dir / e["file"])["flops"] for m, e in rt.backbones.index.items()}
+        result["reference_gflops"] = reference_gflops(threads)
+    else:
+        err.print("note: FLOPs not counted: the onnx package is not installed (the learn extra)", highlight=False)
     torch_ok = have_torch and samples is not None
     if torch_ok:
         import torch
@@ -688,8 +805,13 @@ def bench_latency(
             torch.set_num_threads(threads)
         ws = Workspace.open(root)
         sc, src = ws.scenario(), ws.tap_source()
-        model = ws.load_model(rt.pack.manifest["task"]).eval()
-    else:
+        try:
+            model = ws.load_model(rt.pack.manifest["task"]).eval()
+        except WorkspaceError as exc:  # a deployed copy: packs and backbones, no learner state
+            torch_ok = False
+            err.print(f"note: PyTorch-eager comparison skipped: {exc}", highlight=False)
+            result["pytorch_eager"] = f"skipped: {exc}"
+    if not torch_ok and "pytorch_eager" not in result:
         why_not = ("the workspace's test data cannot be loaded" if have_torch else
                    "PyTorch is not installed here (it comes with the learn extra: pip install 'mmcl-edge[learn]')")
         err.print(f"note: PyTorch-eager comparison skipped: {why_not}", highlight=False)
@@ -702,37 +824,121 @@ def bench_latency(
         else:
             inputs = example_inputs(rt, b)
         entry = measure_predict(rt, inputs, repeats)
+        bare = measure_bare_backbones(rt, inputs, repeats)
+        entry["bare_backbone_ms"] = bare
+        entry["bare_backbones_p50_ms"] = sum(p["p50"] for p in bare.values())
+        st = entry["stages_ms"]
+        entry["pack_over_backbone"] = st["pack"]["p50"] / st["backbone"]["p50"]
+        entry["total_over_bare_backbones"] = st["total"]["p50"] / entry["bare_backbones_p50_ms"]
+        if "backbone_flops" in result:
+            entry["backbone_gflops_per_s"] = {m: b * result["backbone_flops"][m] / (p["p50"] * 1e-3) / 1e9
+                                              for m, p in bare.items()}
         if torch_ok:  # the same stages in PyTorch eager, same inputs, same process
-            pre = {m: torch.from_numpy(preprocess_batch(inputs[m], sc.specs[m])) for m in sc.specs}
-            bb_ms, pack_ms = [], []
+            pre_ms, bb_ms, pack_ms = [], [], []
             with torch.inference_mode():
                 for i in range(repeats + 5):
                     t0 = time.perf_counter()
-                    taps = {m: list(src.backbones[m](x)) for m, x in pre.items()}
+                    pre = {m: torch.from_numpy(preprocess_batch(inputs[m], sc.specs[m])) for m in sc.specs}
                     t1 = time.perf_counter()
-                    model(taps)
+                    taps = {m: list(src.backbones[m](x)) for m, x in pre.items()}
                     t2 = time.perf_counter()
+                    model(taps)
+                    t3 = time.perf_counter()
                     if i >= 5:
-                        bb_ms.append(1e3 * (t1 - t0))
-                        pack_ms.append(1e3 * (t2 - t1))
-            entry["pytorch_eager_ms"] = {"backbone": percentiles(bb_ms), "pack": percentiles(pack_ms)}
+                        pre_ms.append(1e3 * (t1 - t0))
+                        bb_ms.append(1e3 * (t2 - t1))
+                        pack_ms.append(1e3 * (t3 - t2))
+            total = [a + b_ + c for a, b_, c in zip(pre_ms, bb_ms, pack_ms)]
+            entry["pytorch_eager_ms"] = {"preprocess": percentiles(pre_ms), "backbone": percentiles(bb_ms),
+                                         "pack": percentiles(pack_ms), "total": percentiles(total)}
+            entry["speedup_vs_eager"] = {k: entry["pytorch_eager_ms"][k]["p50"] / st[k]["p50"]
+                                         for k in ("backbone", "pack", "total")}
         result["batches"][str(b)] = entry
     packs = sorted((root / "packs").glob("v[0-9]*"))
     result["swap_ms"] = measure_swap(rt, packs[-2:] or packs)
+    if memory:
+        one = {m: s[0] for m, s in samples.items()} if samples is not None else \
+            {m: v[0] for m, v in example_inputs(rt, 1).items()}
+        result["runtime_memory_mb"] = runtime_footprint(root, one, provider, threads)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"Latency (ms) — {', '.join(sorted(set(rt.backbones.backends.values())))}")
-    for c in ("batch", "stage", "p50", "p95", "p99", "PyTorch eager p50", "speed-up"):
+    for c in ("batch", "stage", "p50", "p99", "eager p50", "speed-up"):
         t.add_column(c, justify="right")
     for b, e in result["batches"].items():
         for stage, p in e["stages_ms"].items():
             eager = (e.get("pytorch_eager_ms") or {}).get(stage)
-            t.add_row(b, stage, f"{p['p50']:.2f}", f"{p['p95']:.2f}", f"{p['p99']:.2f}",
-                      f"{eager['p50']:.2f}" if eager else "–", f"{eager['p50'] / p['p50']:.2f}x" if eager else "–")
-        st = e["stages_ms"]
-        t.add_row(b, "adapters / backbone", f"{st['pack']['p50'] / st['backbone']['p50']:.1%}", "", "", "", "")
-        t.add_row(b, "throughput (samples/s)", f"{e['throughput_samples_per_s']:.0f}", "", "", "", "")
+            t.add_row(b, stage, f"{p['p50']:.2f}", f"{p['p99']:.2f}",
+                      f"{eager['p50']:.2f}" if eager else "–", f"{eager['p50'] / p['p50']:.1f}x" if eager else "–")
+        t.add_row(b, "bare backbones", f"{e['bare_backbones_p50_ms']:.2f}", "", "", "")
+        t.add_row(b, "pack/backbone", f"{e['pack_over_backbone']:.1%}", "", "", "")
+        t.add_row(b, "total/bare", f"{e['total_over_bare_backbones']:.2f}x", "", "", "")
+        t.add_row(b, "samples/s", f"{e['throughput_samples_per_s']:.0f}", "", "", "")
     out.print(t)
-    out.print(f"pack size {result['pack_kb']} KB; swap (validate + warm + swap) p50 {result['swap_ms']['p50']:.0f} ms")
+    if "backbone_flops" in result:
+        g = Table(title=f"Backbones (batch {batch[0]}); a large float32 matrix product in onnxruntime "
+                        f"here: {result['reference_gflops']:.0f} GFLOP/s")
+        for c in ("modality", "MB", "GFLOP", "ms", "GFLOP/s"):
+            g.add_column(c, justify="left" if c == "modality" else "right")
+        first = result["batches"][str(batch[0])]
+        for m, fl in result["backbone_flops"].items():
+            g.add_row(m, f"{result['backbone_bytes'][m] / 2**20:.1f}", f"{fl / 1e9:.3f}",
+                      f"{first['bare_backbone_ms'][m]['p50']:.2f}", f"{first['backbone_gflops_per_s'][m]:.1f}")
+        out.print(g)
+    mem = result.get("runtime_memory_mb")
+    out.print(f"pack {result['pack_kb']} KB; swap (validate + warm + switch) p50 {result['swap_ms']['p50']:.0f} ms"
+              + (f"; runtime resident {mem['rss_mb']:.0f} MB (peak {mem['peak_rss_mb']:.0f} MB)" if mem else ""))
+    out.print(f"results: {out_file}")
+
+
+@bench_app.command("swap")
+@user_errors
+def bench_swap(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+    threads: int = typer.Option(4, min=1, help="Request threads calling predict nonstop (batch 1)."),
+    swaps: int = typer.Option(1000, min=1, help="Swaps, alternating between the last two packs."),
+    baseline_seconds: float = typer.Option(5.0, min=0.5, help="Requests with no swap first, as the reference."),
+    provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+    session_threads: int = typer.Option(0, help="Threads per onnxruntime session (0: the runtime's default)."),
+    out_file: Path = typer.Option(Path("bench-swap.json"), "--out", help="Where the JSON result goes."),
+):
+    """Hot swaps under load: swap time (validate + warm + switch) and request latency with and
+    without swaps, failed requests. Needs a workspace with at least two packs."""
+    from mmcl_edge.cli.progress import progress_bar
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.latency import example_inputs, measure_swaps
+
+    root = workspace.expanduser().resolve()
+    if not (root / "workspace.json").is_file():
+        raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
+    packs = sorted((root / "packs").glob("v[0-9]*"))[-2:]
+    if len(packs) < 2:
+        raise WorkspaceError(f"{root} has {len(packs)} pack(s); swapping needs two (learn two tasks first)")
+    rt = Runtime(root, providers=provider, threads=session_threads)
+    samples, why = _latency_samples(root)
+    inputs = {m: s[0] for m, s in samples.items()} if samples is not None else \
+        {m: v[0] for m, v in example_inputs(rt, 1).items()}
+    with progress_bar(f"{swaps} swaps under {threads} request threads", total=swaps) as bar:
+        result = measure_swaps(rt, packs, inputs, swaps, threads, baseline_seconds,
+                               progress=lambda done, total: bar.advance())
+    result.update({"workspace": str(root), "packs": [p.name for p in packs], "providers": rt.providers,
+                   "inputs": "test sample" if samples is not None else "random"})
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Hot swap under {threads} request threads")
+    for c in ("measure", "p50", "p99"):
+        t.add_column(c, justify="left" if c == "measure" else "right")
+    if result["swap_ms"]:
+        t.add_row("swap ms", f"{result['swap_ms']['p50']:.1f}", f"{result['swap_ms']['p99']:.1f}")
+    for k, p in result["swap_parts_ms"].items():
+        t.add_row(f"  {k} ms", f"{p['p50']:.2f}", f"{p['p99']:.2f}")
+    for k, p in result["request_ms"].items():
+        if p:
+            t.add_row(f"request ms, {k}", f"{p['p50']:.1f}", f"{p['p99']:.1f}")
+    out.print(t)
+    out.print(f"{result['swaps_done']} swaps, {result['swaps_rejected']} rejected; "
+              f"{sum(result['requests'].values())} requests, {result['failed_requests']} failed; "
+              f"request p99 during/without swaps {result.get('request_p99_ratio', float('nan')):.2f}x")
     out.print(f"results: {out_file}")
 
 

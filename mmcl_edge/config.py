@@ -55,7 +55,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    threads: int = 0              # torch CPU threads; 0 = torch's default
+    threads: int = 0              # torch CPU threads; 0 = the thread policy (mmcl_edge/threads.py): half the
+                                  # cores (1..8), the rest left to a runtime serving beside; env knobs there
     later_lr_scale: float = 0.1   # learning-rate factor for tasks after the first ("slow learner")
     modality_dropout: float = 0.2  # chance to hide each modality of a training sample (never all), so the
                                    # model answers when a sensor drops out; also the weight of one-modality-

@@ -5,6 +5,8 @@ PyTorch-eager comparison where PyTorch is installed.)
 """
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import numpy as np
@@ -56,9 +58,144 @@ def example_inputs(rt: Runtime, batch: int, seed: int = 0) -> dict[str, list[np.
             shape = (spec.image_size, spec.image_size)
         elif spec.kind == "audio":
             shape = (int(spec.sample_rate * spec.clip_seconds),)
-        elif spec.kind == "timeseries":
-            shape = (spec.series_length, 3)
+        elif spec.kind == "timeseries":  # rocket and raw backbones read [channels, length]
+            shape = (spec.series_length, e["input_shape"][0] if spec.encoding in ("rocket", "raw") else 3)
+        elif spec.kind == "video":
+            shape = (spec.frames, spec.image_size, spec.image_size)
         else:
             raise RuntimeUserError(f"no example input for modality kind {spec.kind!r}")
         inputs[m] = [rng.random(shape, dtype=np.float32) for _ in range(batch)]
     return inputs
+
+
+def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 5) -> dict[str, dict]:
+    """Each backbone session alone on already-preprocessed input (ms): the floor end to end is held to."""
+    out = {}
+    for m in rt.backbones.modalities:
+        if m not in inputs:
+            continue
+        x = rt.backbones.preprocess(m, inputs[m])
+        for _ in range(warmup):
+            rt.backbones.run(m, x)
+        ms = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rt.backbones.run(m, x)
+            ms.append(1e3 * (time.perf_counter() - t0))
+        out[m] = percentiles(ms)
+    return out
+
+
+def measure_swaps(rt: Runtime, packs: list, inputs: dict, swaps: int = 1000, threads: int = 4,
+                  baseline_seconds: float = 5.0, progress=None) -> dict:
+    """Hot swaps under load: ``threads`` request threads call ``predict`` nonstop, first for
+    ``baseline_seconds`` with no swap (the reference), then while ``swaps`` swaps alternate between
+    ``packs``. Every failed request is counted; every answer must come from one of ``packs``.
+
+    Returns swap time (validate + warm + switch, and each part), request latency in both phases
+    and their ratio, and the failures.
+    """
+    versions = {int(json.loads((p / "manifest.json").read_text())["version"]) for p in packs}
+    versions.add(rt.pack.version)
+    phase = {"name": "baseline"}
+    stop = threading.Event()
+    lat: dict[str, list[float]] = {"baseline": [], "swapping": []}
+    failures: list[str] = []
+    failed = [0]
+    foreign = [0]
+    lock = threading.Lock()
+
+    def worker():
+        while not stop.is_set():
+            name = phase["name"]
+            t0 = time.perf_counter()
+            try:
+                pred = rt.predict(inputs)
+                ms = 1e3 * (time.perf_counter() - t0)
+                with lock:
+                    lat[name].append(ms)
+                    foreign[0] += pred.pack_version not in versions
+            except Exception as exc:  # counted: a swap must never fail a request
+                with lock:
+                    failed[0] += 1
+                    if len(failures) < 5:
+                        failures.append(repr(exc))
+
+    for _ in range(5):  # first requests pay one-off costs (CUDA kernels, algorithm search): not a swap's fault
+        rt.predict(inputs)
+    workers = [threading.Thread(target=worker, name=f"mmcl-bench-req{i}", daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(baseline_seconds)
+    phase["name"] = "swapping"
+    total, parts = [], {}
+    rejected = 0
+    start = time.perf_counter()
+    for i in range(swaps):
+        t0 = time.perf_counter()
+        try:
+            new = rt.swap(packs[i % len(packs)])
+        except Exception as exc:
+            rejected += 1
+            if len(failures) < 5:
+                failures.append(f"swap: {exc!r}")
+            continue
+        total.append(1e3 * (time.perf_counter() - t0))
+        for k, v in new.load_ms.items():
+            parts.setdefault(k, []).append(v)
+        if progress:
+            progress(i + 1, swaps)
+    swap_seconds = time.perf_counter() - start
+    stop.set()
+    for w in workers:
+        w.join(timeout=30)
+    base, during = lat["baseline"], lat["swapping"]
+    result = {
+        "threads": threads, "swaps": swaps, "swaps_done": len(total), "swaps_rejected": rejected,
+        "swap_ms": percentiles(total) if total else None,
+        "swap_parts_ms": {k: percentiles(v) for k, v in parts.items()},
+        "requests": {"baseline": len(base), "swapping": len(during)},
+        "baseline_seconds": baseline_seconds, "swapping_seconds": swap_seconds,
+        "request_ms": {"baseline": percentiles(base) if base else None,
+                       "swapping": percentiles(during) if during else None},
+        "failed_requests": failed[0], "answers_from_other_packs": foreign[0], "failures": failures,
+    }
+    if base and during:
+        result["request_p99_ratio"] = result["request_ms"]["swapping"]["p99"] / result["request_ms"]["baseline"]["p99"]
+    return result
+
+
+def runtime_footprint(root, inputs: dict, providers=None, threads: int = 0, repeats: int = 20) -> dict:
+    """Resident memory of a runtime alone, in a fresh process (no PyTorch, no benchmark state):
+    its backbones and pack loaded and ``repeats`` predictions made on ``inputs`` (one sample per
+    modality). Returns ``{"rss_mb", "peak_rss_mb"}``."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = os.path.join(tmp, "inputs.npz")
+        np.savez(arrays, **{m: np.asarray(v) for m, v in inputs.items()})
+        args = json.dumps({"root": str(root), "inputs": arrays, "providers": providers, "threads": threads,
+                           "repeats": repeats})
+        proc = subprocess.run([sys.executable, "-c", "from mmcl_edge.runtime.latency import _footprint_child as f; f()",
+                               args], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeUserError(f"the memory probe failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _footprint_child() -> None:
+    import sys
+
+    from mmcl_edge.runtime.memory import peak_rss_mb, rss_mb
+
+    a = json.loads(sys.argv[1])
+    with np.load(a["inputs"]) as z:
+        inputs = {m: z[m] for m in z.files}
+    rt = Runtime(a["root"], providers=a["providers"], threads=a["threads"])
+    for _ in range(a["repeats"]):
+        rt.predict(inputs)
+    print(json.dumps({"rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
+                      "torch_loaded": "torch" in sys.modules}))

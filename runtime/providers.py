@@ -4,6 +4,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from mmcl_edge.runtime.errors import RuntimeUserError
+from mmcl_edge.threads import serve_threads
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -14,6 +15,22 @@ def available() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def tensorrt_libraries() -> bool:
+    """Whether TensorRT's runtime library (libnvinfer) can be loaded in this process."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so", ctypes.util.find_library("nvinfer")):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def choose(requested: list[str] | str | None = None) -> list[str]:
     """Providers to pass to a session, best first, always ending in CPU as the fallback.
 
@@ -21,7 +38,9 @@ def choose(requested: list[str] | str | None = None) -> list[str]:
     """
     have = available()
     if requested is None:
-        chosen = [p for p in PREFERENCE if p in have]
+        # onnxruntime-gpu lists TensorRT whether or not TensorRT's own library is installed; without
+        # it every session fails once, logs an error and retries on CUDA. Prefer it only when it loads.
+        chosen = [p for p in PREFERENCE if p in have and (p != "TensorrtExecutionProvider" or tensorrt_libraries())]
     else:
         items = [requested] if isinstance(requested, str) else list(requested)
         chosen = []
@@ -39,6 +58,7 @@ def choose(requested: list[str] | str | None = None) -> list[str]:
 def session(path, providers: list[str], threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = serve_threads(threads)  # 0: $MMCL_EDGE_SERVE_THREADS, else onnxruntime's default (mmcl_edge/threads.py)
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

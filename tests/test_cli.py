@@ -53,6 +53,8 @@ def test_generic_format_with_two_timeseries_sensors_learns_end_to_end(tmp_path):
         assert key in report
     assert len(report["accuracy_matrix"]) == 2
     assert all("extract_seconds" in t and "train_seconds" in t for t in report["tasks"])
+    assert all(t["peak_rss_mb"] > 0 and t["peak_rss_scope"] in ("task", "process") for t in report["tasks"])
+    assert "MB resident" in result.output
     assert report["final_average_accuracy"] > 0.6  # 4 classes: chance is 0.25
     # what the learner saved is deployable: predict from the generic-format test file
     pred = invoke("predict", "-w", ws, "-i", data / "test.npz", "--json")
