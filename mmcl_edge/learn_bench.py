@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from mmcl_edge.errors import MMCLError
+from mmcl_edge.runtime.memory import peak_rss_mb, rss_mb
 
 PATHS = ("taps", "backprop", "full")
 
@@ -55,18 +56,6 @@ class BenchFailed(MMCLError):
 
 # ---------------------------------------------------------------------------------------------
 # child side
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _rss_mb() -> float | None:
-    from mmcl_edge.soak import rss_mb
-
-    return rss_mb()
-
-
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -164,7 +153,7 @@ def run_path(spec: dict, emit: Callable[[dict], None] = _emit) -> dict:
             done[0] += 1
             emit({"progress": done[0], "total": steps})
 
-        rss_before = _rss_mb()
+        rss_before = rss_mb()
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
         t_start = time.monotonic()
@@ -208,7 +197,7 @@ def run_path(spec: dict, emit: Callable[[dict], None] = _emit) -> dict:
         seconds = time.perf_counter() - t0
         t_end = time.monotonic()
     return {"path": path, "seconds": seconds, "stages": stages, "samples": int(len(idx)), "steps": steps,
-            "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before, "threads": in_force,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "threads": in_force,
             "start_monotonic": t_start, "end_monotonic": t_end, **info}
 
 
@@ -245,7 +234,7 @@ def serve_loop(spec: dict, emit: Callable[[dict], None] = _emit, lines=None) -> 
         times.append(time.monotonic())
         ms.append(1e3 * (t1 - t0))
     return {"times": times, "ms": ms, "threads": {**threads.describe(), "serve_threads": threads.serve_threads()},
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _child_main(kind: str) -> int:

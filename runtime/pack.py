@@ -288,7 +288,7 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
         raise PackRejected(f"{folder}: {exc}") from None
     t1 = time.perf_counter()
     try:
-        session = prov.session(data, providers, threads)
+        session = prov.session(data, providers, threads, optimization="basic")
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         raise PackRejected(f"{folder}: {ONNX_FILE} cannot be loaded by onnxruntime ({exc})") from None
     names = [i.name for i in session.get_inputs()]

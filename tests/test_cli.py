@@ -129,23 +129,6 @@ def test_user_mistakes_give_one_plain_line_and_exit_code_2(synthetic_ws, tmp_pat
         assert "error:" in r.output and "Traceback" not in r.output, (args, r.output)
 
 
-def test_bench_latency_prints_a_table_and_writes_json(synthetic_ws, tmp_path):
-    ws = tmp_path / "ws"
-    shutil.copytree(synthetic_ws.root, ws)
-    out = tmp_path / "lat.json"
-    r = invoke("bench", "latency", "-w", ws, "--batch", 1, "--batch", 4, "--repeats", 5, "--out", out)
-    assert r.exit_code == 0, r.output
-    data = json.loads(out.read_text())
-    assert set(data["batches"]) == {"1", "4"}
-    for entry in data["batches"].values():
-        assert set(entry["stages_ms"]) == {"preprocess", "backbone", "pack", "total"}
-        assert entry["stages_ms"]["total"]["p50"] > 0
-        assert entry["stages_ms"]["total"]["p50"] <= entry["stages_ms"]["total"]["p99"]
-        assert "pytorch_eager_ms" in entry and entry["throughput_samples_per_s"] > 0
-    assert data["swap_ms"]["p50"] > 0
-    assert "Latency (ms)" in r.output and "swap" in r.output
-
-
 def test_users_own_backbone_learns_exports_and_serves(tmp_path):
     """A user's torch module, declaring its taps and registered by name, goes through learn, export and the runtime."""
     import torch

@@ -77,9 +77,15 @@ def test_bench_latency_json_keys_and_consistency(synthetic_ws, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(synthetic_ws.root, ws)
     out = tmp_path / "lat.json"
-    r = invoke("bench", "latency", "-w", ws, "--batch", 1, "--repeats", 5, "--threads", 1, "--out", out)
+    r = invoke("bench", "latency", "-w", ws, "--batch", 1, "--batch", 4, "--repeats", 5, "--threads", 1, "--out", out)
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
+    assert set(d["batches"]) == {"1", "4"}
+    for entry in d["batches"].values():
+        assert set(entry["stages_ms"]) == {"preprocess", "backbone", "pack", "total"}
+        assert 0 < entry["stages_ms"]["total"]["p50"] <= entry["stages_ms"]["total"]["p99"]
+        assert entry["throughput_samples_per_s"] > 0
+    assert d["swap_ms"]["p50"] > 0 and d["pack_providers"] == ["CPUExecutionProvider"]
     e = d["batches"]["1"]
     st = e["stages_ms"]
     # the stages of one request add up to its total (means are additive; noise of the timer only)
