@@ -686,12 +686,13 @@ def bench_soak(
     Requests, failures, swaps, p50/p99 and the serving process's resident memory (start, after warm-up, end). The learner re-learns the workspace's last task over and over (a new pack each time, in WS/packs): soak a copy of a workspace you care about. Ctrl-C stops early; the JSON is written.
     """
     require_extra("learn")  # the learner child; the serving side (this process) stays torch-free
+    from mmcl_edge.runtime.latency import workspace_test_samples
     from mmcl_edge.soak import run_soak
 
     root = workspace.expanduser().resolve()
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
-    samples, why = _latency_samples(root)
+    samples, why = workspace_test_samples(root)
     if samples is None:
         err.print(f"note: the workspace's test data cannot be loaded here ({why}); serving random inputs "
                   "of the right shapes (answers are still checked)", highlight=False)
@@ -730,22 +731,6 @@ def bench_soak(
         raise typer.Exit(130)
 
 
-def _latency_samples(root: Path) -> tuple[dict | None, str]:
-    """The workspace's test samples per modality, loaded without PyTorch; (None, why) when impossible."""
-    from mmcl_edge.data import DataFormatError, load_scenario
-
-    s = json.loads((root / "workspace.json").read_text())["source"]
-    try:
-        sc = load_scenario(s.get("scenario"), data=s.get("data"), data_dir=s.get("data_dir"),
-                           setting=s.get("setting") or "class-il", classes_per_task=s.get("classes_per_task") or 2,
-                           seed=s.get("seed") or 0)
-    except ImportError as exc:
-        return None, f"{exc.name} is not installed"
-    except (DataFormatError, OSError) as exc:
-        return None, str(exc)
-    return sc.test.samples, ""
-
-
 @bench_app.command("latency")
 @user_errors
 def bench_latency(
@@ -760,11 +745,10 @@ def bench_latency(
     """Per-stage latency of the runtime (p50/p95/p99) against its bare backbones and PyTorch eager;
     each backbone's FLOPs and achieved GFLOP/s; resident memory; model, pack and swap costs."""
     import importlib.util
-    import time
 
     from mmcl_edge.runtime import Runtime
-    from mmcl_edge.runtime.latency import (example_inputs, measure_bare_backbones, measure_predict, measure_swap,
-                                           percentiles, runtime_footprint)
+    from mmcl_edge.runtime.latency import (batch_of, example_inputs, measure_bare_backbones, measure_predict,
+                                           measure_swap, runtime_footprint, servable_packs, workspace_test_samples)
 
     root = workspace.expanduser().resolve()
     if not (root / "workspace.json").is_file():
@@ -777,7 +761,7 @@ def bench_latency(
               "pack_bytes": {f.name: f.stat().st_size for f in rt.pack.folder.iterdir()},
               "backbone_bytes": {m: (bb_dir / e["file"]).stat().st_size for m, e in rt.backbones.index.items()},
               "batches": {}}
-    samples, why = _latency_samples(root)
+    samples, why = workspace_test_samples(root)
     if samples is None:
         err.print(f"note: the workspace's test data cannot be loaded here ({why}); timing random inputs "
                   "of the right shapes", highlight=False)
@@ -794,35 +778,20 @@ def bench_latency(
         result["reference_gflops"] = reference_gflops(threads)
     else:
         err.print("note: FLOPs not counted: the onnx package is not installed (the learn extra)", highlight=False)
-    torch_ok = have_torch and samples is not None
-    if torch_ok:
-        import torch
+    eager: dict = {}
+    if have_torch and samples is not None:
+        from mmcl_edge.eager import measure_in_child
 
-        from mmcl_edge.preprocess import preprocess_batch
-        from mmcl_edge.workspace import Workspace
-
-        if threads:
-            torch.set_num_threads(threads)
-        ws = Workspace.open(root)
-        sc, src = ws.scenario(), ws.tap_source()
-        try:
-            model = ws.load_model(rt.pack.manifest["task"]).eval()
-        except WorkspaceError as exc:  # a deployed copy: packs and backbones, no learner state
-            torch_ok = False
-            err.print(f"note: PyTorch-eager comparison skipped: {exc}", highlight=False)
-            result["pytorch_eager"] = f"skipped: {exc}"
-    if not torch_ok and "pytorch_eager" not in result:
-        why_not = ("the workspace's test data cannot be loaded" if have_torch else
-                   "PyTorch is not installed here (it comes with the learn extra: pip install 'mmcl-edge[learn]')")
-        err.print(f"note: PyTorch-eager comparison skipped: {why_not}", highlight=False)
-        result["pytorch_eager"] = f"skipped: {why_not}"
+        eager = measure_in_child(root, batch, repeats, threads)  # {batch: stages} or {"skipped": why}
+    else:
+        eager = {"skipped": "the workspace's test data cannot be loaded" if have_torch else
+                 "PyTorch is not installed here (it comes with the learn extra: pip install 'mmcl-edge[learn]')"}
+    if "skipped" in eager:
+        err.print(f"note: PyTorch-eager comparison skipped: {eager['skipped']}", highlight=False)
+        result["pytorch_eager"] = f"skipped: {eager['skipped']}"
 
     for b in batch:
-        if samples is not None:
-            n = len(next(iter(samples.values())))
-            inputs = {m: [s[i % n] for i in range(b)] for m, s in samples.items()}
-        else:
-            inputs = example_inputs(rt, b)
+        inputs = batch_of(samples, b) if samples is not None else example_inputs(rt, b)
         entry = measure_predict(rt, inputs, repeats)
         bare = measure_bare_backbones(rt, inputs, repeats)
         entry["bare_backbone_ms"] = bare
@@ -833,29 +802,11 @@ def bench_latency(
         if "backbone_flops" in result:
             entry["backbone_gflops_per_s"] = {m: b * result["backbone_flops"][m] / (p["p50"] * 1e-3) / 1e9
                                               for m, p in bare.items()}
-        if torch_ok:  # the same stages in PyTorch eager, same inputs, same process
-            pre_ms, bb_ms, pack_ms = [], [], []
-            with torch.inference_mode():
-                for i in range(repeats + 5):
-                    t0 = time.perf_counter()
-                    pre = {m: torch.from_numpy(preprocess_batch(inputs[m], sc.specs[m])) for m in sc.specs}
-                    t1 = time.perf_counter()
-                    taps = {m: list(src.backbones[m](x)) for m, x in pre.items()}
-                    t2 = time.perf_counter()
-                    model(taps)
-                    t3 = time.perf_counter()
-                    if i >= 5:
-                        pre_ms.append(1e3 * (t1 - t0))
-                        bb_ms.append(1e3 * (t2 - t1))
-                        pack_ms.append(1e3 * (t3 - t2))
-            total = [a + b_ + c for a, b_, c in zip(pre_ms, bb_ms, pack_ms)]
-            entry["pytorch_eager_ms"] = {"preprocess": percentiles(pre_ms), "backbone": percentiles(bb_ms),
-                                         "pack": percentiles(pack_ms), "total": percentiles(total)}
-            entry["speedup_vs_eager"] = {k: entry["pytorch_eager_ms"][k]["p50"] / st[k]["p50"]
-                                         for k in ("backbone", "pack", "total")}
+        if str(b) in eager:  # the same stages in PyTorch eager, same inputs (a child process, PyTorch's threading)
+            entry["pytorch_eager_ms"] = eager[str(b)]
+            entry["speedup_vs_eager"] = {k: eager[str(b)][k]["p50"] / st[k]["p50"] for k in ("backbone", "pack", "total")}
         result["batches"][str(b)] = entry
-    packs = sorted((root / "packs").glob("v[0-9]*"))
-    result["swap_ms"] = measure_swap(rt, packs[-2:] or packs)
+    result["swap_ms"] = measure_swap(rt, servable_packs(rt))
     if memory:
         one = {m: s[0] for m, s in samples.items()} if samples is not None else \
             {m: v[0] for m, v in example_inputs(rt, 1).items()}
@@ -906,16 +857,17 @@ def bench_swap(
     without swaps, failed requests. Needs a workspace with at least two packs."""
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.runtime import Runtime
-    from mmcl_edge.runtime.latency import example_inputs, measure_swaps
+    from mmcl_edge.runtime.latency import example_inputs, measure_swaps, servable_packs, workspace_test_samples
 
     root = workspace.expanduser().resolve()
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
-    packs = sorted((root / "packs").glob("v[0-9]*"))[-2:]
-    if len(packs) < 2:
-        raise WorkspaceError(f"{root} has {len(packs)} pack(s); swapping needs two (learn two tasks first)")
     rt = Runtime(root, providers=provider, threads=session_threads)
-    samples, why = _latency_samples(root)
+    packs = servable_packs(rt)
+    if len(packs) < 2:
+        raise WorkspaceError(f"{root} has {len(packs)} pack(s) for its backbones; swapping needs two "
+                             "(learn two tasks first)")
+    samples, why = workspace_test_samples(root)
     inputs = {m: s[0] for m, s in samples.items()} if samples is not None else \
         {m: v[0] for m, v in example_inputs(rt, 1).items()}
     with progress_bar(f"{swaps} swaps under {threads} request threads", total=swaps) as bar:

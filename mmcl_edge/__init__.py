@@ -4,4 +4,4 @@ Kept import-light on purpose: ``import mmcl_edge.runtime`` must work in a proces
 without PyTorch, so nothing here imports torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

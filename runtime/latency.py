@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,22 @@ def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 
             "throughput_samples_per_s": batch * repeats / wall}
 
 
+def servable_packs(rt: Runtime, n: int = 2) -> list[Path]:
+    """The newest ``n`` packs made for the backbones this runtime serves (after ``export
+    --precision`` the older packs are for the other precision and would be refused)."""
+    mine = {m: e["identity"] for m, e in rt.backbones.index.items()}
+    found = []
+    for folder in sorted((rt.root / "packs").glob("v[0-9]*"), reverse=True):
+        try:
+            if json.loads((folder / "manifest.json").read_text()).get("backbones") == mine:
+                found.append(folder)
+        except (OSError, ValueError):
+            continue
+        if len(found) == n:
+            break
+    return found[::-1]
+
+
 def measure_swap(rt: Runtime, packs: list, repeats: int = 5) -> dict:
     """Time to validate + warm + swap in a pack (the serving path is never blocked meanwhile)."""
     ms = []
@@ -44,6 +61,29 @@ def measure_swap(rt: Runtime, packs: list, repeats: int = 5) -> dict:
         rt.swap(packs[i % len(packs)])
         ms.append(1e3 * (time.perf_counter() - t0))
     return percentiles(ms)
+
+
+def workspace_test_samples(root) -> tuple[dict | None, str]:
+    """The workspace's test samples per modality, loaded without PyTorch; ``(None, why)`` when the
+    data is not here (a deployed copy of a workspace)."""
+    from mmcl_edge.data import DataFormatError, load_scenario
+
+    s = json.loads((Path(root) / "workspace.json").read_text())["source"]
+    try:
+        sc = load_scenario(s.get("scenario"), data=s.get("data"), data_dir=s.get("data_dir"),
+                           setting=s.get("setting") or "class-il", classes_per_task=s.get("classes_per_task") or 2,
+                           seed=s.get("seed") or 0)
+    except ImportError as exc:
+        return None, f"{exc.name} is not installed"
+    except (DataFormatError, OSError) as exc:
+        return None, str(exc)
+    return sc.test.samples, ""
+
+
+def batch_of(samples: dict, b: int) -> dict[str, list]:
+    """The first ``b`` test samples of every modality (repeating when there are fewer)."""
+    n = len(next(iter(samples.values())))
+    return {m: [s[i % n] for i in range(b)] for m, s in samples.items()}
 
 
 def example_inputs(rt: Runtime, batch: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
