@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
                        "mixture-of-experts adapters learned task by task, hot-swapped into a torch-free runtime.")
 data_app = typer.Typer(no_args_is_help=True, help="Get data sets (only ever downloads when you ask).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: continual-learning accuracy and latency.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: continual-learning accuracy, encoders, latency, swaps, learning cost, soak.")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 out = Console()
@@ -743,7 +743,13 @@ def bench_latency(
     out_file: Path = typer.Option(Path("bench-latency.json"), "--out", help="Where the JSON result goes."),
 ):
     """Per-stage latency of the runtime (p50/p95/p99) against its bare backbones and PyTorch eager;
-    each backbone's FLOPs and achieved GFLOP/s; resident memory; model, pack and swap costs."""
+    each backbone's FLOPs and achieved GFLOP/s; resident memory; model, pack and swap costs.
+
+    JSON: batches.<b>.{stages_ms, bare_backbone_ms, bare_backbones_p50_ms, pack_over_backbone,
+    total_over_bare_backbones, backbone_gflops_per_s, pytorch_eager_ms, speedup_vs_eager,
+    throughput_samples_per_s}; backbone_flops, reference_gflops, backbone_bytes, pack_bytes, pack_kb,
+    swap_ms, runtime_memory_mb.{rss_mb, peak_rss_mb}, providers, pack_providers.
+    """
     import importlib.util
 
     from mmcl_edge.runtime import Runtime
@@ -854,7 +860,11 @@ def bench_swap(
     out_file: Path = typer.Option(Path("bench-swap.json"), "--out", help="Where the JSON result goes."),
 ):
     """Hot swaps under load: swap time (validate + warm + switch) and request latency with and
-    without swaps, failed requests. Needs a workspace with at least two packs."""
+    without swaps, failed requests. Needs a workspace with at least two packs.
+
+    JSON: swap_ms, swap_parts_ms.{verify, session, warmup, switch}, request_ms.{baseline, swapping},
+    request_p99_ratio, requests, failed_requests, answers_from_other_packs, swaps_done, swaps_rejected.
+    """
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.latency import example_inputs, measure_swaps, servable_packs, workspace_test_samples
