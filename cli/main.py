@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
                        "mixture-of-experts adapters learned task by task, hot-swapped into a torch-free runtime.")
 data_app = typer.Typer(no_args_is_help=True, help="Get data sets (only ever downloads when you ask).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: continual-learning accuracy, encoders, latency, swaps, learning cost, soak.")
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Benchmarks: continual-learning accuracy, encoders, latency, swaps, learning cost, soak.")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 out = Console()
