@@ -46,8 +46,9 @@ step "mmcl-edge predict"
   "$WORK/pred.json" "$WORK/expected.json"
 
 step "mmcl-edge bench latency (no PyTorch-eager comparison here)"
-"$DEV" bench latency -w "$WORK/ws" --batch 1 --repeats 5 --out "$WORK/lat.json" > "$WORK/lat.txt" 2> "$WORK/lat.err"
-grep -q "PyTorch-eager comparison skipped" "$WORK/lat.err"
+"$DEV" bench latency -w "$WORK/ws" --batch 1 --repeats 5 --out "$WORK/lat.json" > "$WORK/lat.txt" 2> "$WORK/lat.err" \
+  || { cat "$WORK/lat.txt" "$WORK/lat.err"; exit 1; }
+grep -q "PyTorch-eager comparison skipped" "$WORK/lat.err" || { cat "$WORK/lat.err"; exit 1; }
 "$DPY" -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['pytorch_eager'].startswith('skipped'); print('  p50 total', round(r['batches']['1']['stages_ms']['total']['p50'], 2), 'ms')" "$WORK/lat.json"
 
 step "mmcl-edge serve: a round-trip over HTTP on 127.0.0.1"

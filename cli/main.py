@@ -794,7 +794,7 @@ def bench_latency(
         eager = {"skipped": "the workspace's test data cannot be loaded" if have_torch else
                  "PyTorch is not installed here (it comes with the learn extra: pip install 'mmcl-edge[learn]')"}
     if "skipped" in eager:
-        err.print(f"note: PyTorch-eager comparison skipped: {eager['skipped']}", highlight=False)
+        err.print(f"note: PyTorch-eager comparison skipped: {escape(eager['skipped'])}", highlight=False)
         result["pytorch_eager"] = f"skipped: {eager['skipped']}"
 
     for b in batch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def measure_in_child(root: Path, batches: list[int], repeats: int, threads: int 
     from mmcl_edge.threads import child_env
 
     args = json.dumps({"root": str(root), "batches": list(batches), "repeats": repeats, "threads": threads})
+    # cwd: a neutral folder, so a source checkout's mmcl_edge/ in the caller's cwd cannot shadow the package
     proc = subprocess.run([sys.executable, "-m", "mmcl_edge.eager", args], capture_output=True, text=True,
-                          env=child_env(policy=False), timeout=3600)
+                          env=child_env(policy=False), timeout=3600, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         return {"skipped": f"the eager run failed: {proc.stderr.strip()[-300:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -257,7 +257,8 @@ class _Child:
         self.ready = threading.Event()
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmcl_edge.learn_bench", kind], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=threads.child_env(policy))
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=threads.child_env(policy),
+                                     cwd=tempfile.gettempdir())  # a checkout's mmcl_edge/ in the cwd must not shadow it
         self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -353,7 +354,7 @@ def check_workspace(root: Path, task: int, epochs: int | None, max_samples: int 
     if max_samples is not None and max_samples < 2:
         raise ConfigError(f"--max-samples must be at least 2 (a training batch), not {max_samples}")
     n = len(sc.tasks[task].train_idx)
-    return {"workspace": str(ws.root), "task": task, "epochs": epochs or ws.config.train.epochs,
+    return {"workspace": str(ws.root.resolve()), "task": task, "epochs": epochs or ws.config.train.epochs,
             "max_samples": max_samples if max_samples and max_samples < n else None,
             "task_train_samples": n, "scenario": sc.name, "setting": sc.setting, "modalities": sc.modalities,
             "batch_size": ws.config.train.batch_size, "has_pack": (ws.root / "current").is_file()}

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -134,7 +135,8 @@ class _Learner:
         # its own session: a Ctrl-C in the terminal reaches the soak only, which then stops the learner
         # between tasks; stdin is its lifeline (closed: stop), so it also stops if the soak dies
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, text=True, start_new_session=True)
+                                     env=env, text=True, start_new_session=True,
+                                     cwd=tempfile.gettempdir())  # a checkout's mmcl_edge/ in the cwd must not shadow it
         self.tail: deque[str] = deque(maxlen=20)
         self.published = 0
         self._reader = threading.Thread(target=self._read, name="soak-learner-output", daemon=True)

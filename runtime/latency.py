@@ -219,8 +219,9 @@ def runtime_footprint(root, inputs: dict, providers=None, threads: int = 0, repe
         np.savez(arrays, **{m: np.asarray(v) for m, v in inputs.items()})
         args = json.dumps({"root": str(root), "inputs": arrays, "providers": providers, "threads": threads,
                            "repeats": repeats})
+        # cwd: a neutral folder, so a source checkout's mmcl_edge/ in the caller's cwd cannot shadow the package
         proc = subprocess.run([sys.executable, "-c", "from mmcl_edge.runtime.latency import _footprint_child as f; f()",
-                               args], capture_output=True, text=True, timeout=600)
+                               args], capture_output=True, text=True, timeout=600, cwd=tmp)
     if proc.returncode != 0:
         raise RuntimeUserError(f"the memory probe failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
