@@ -131,3 +131,17 @@ def test_bench_swap_needs_two_packs(tmp_path, synthetic_ws):
         shutil.rmtree(p)
     r = invoke("bench", "swap", "-w", ws, "--swaps", 2, "--out", tmp_path / "x.json")
     assert r.exit_code == 2 and "needs two" in r.output and "Traceback" not in r.output
+
+
+def test_workspace_from_before_tap_rank_keeps_full_rank(tmp_path, synthetic_ws):
+    """A workspace.json written before 0.3 has no encoder.tap_rank: it keeps full-rank projections,
+    so its saved states (and the tasks still to learn) match."""
+    from mmcl_edge.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    shutil.copytree(synthetic_ws.root, ws)
+    meta = json.loads((ws / "workspace.json").read_text())
+    assert meta["config"]["encoder"]["tap_rank"] == 32  # today's default, recorded
+    del meta["config"]["encoder"]["tap_rank"]
+    (ws / "workspace.json").write_text(json.dumps(meta))
+    assert Workspace.open(ws).config.encoder.tap_rank == 0
