@@ -204,16 +204,16 @@ def run_path(spec: dict, emit: Callable[[dict], None] = _emit) -> dict:
 def serve_loop(spec: dict, emit: Callable[[dict], None] = _emit, lines=None) -> dict:
     """Serve one test sample at batch 1 until "stop" (or end of input) on ``lines`` (stdin)."""
     from mmcl_edge import threads
-    from mmcl_edge.data import load_scenario
+    from mmcl_edge.errors import WorkspaceError
     from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.latency import workspace_test_samples
 
     root = Path(spec["workspace"])
-    s = json.loads((root / "workspace.json").read_text())["source"]
-    sc = load_scenario(s.get("scenario"), data=s.get("data"), data_dir=s.get("data_dir"),
-                       setting=s.get("setting") or "class-il", classes_per_task=s.get("classes_per_task") or 2,
-                       seed=s.get("seed") or 0)
-    sample = {m: v[0] for m, v in sc.test.samples.items()}
-    rt = Runtime(root, threads=threads.serve_threads())
+    samples, why = workspace_test_samples(root)
+    if samples is None:
+        raise WorkspaceError(f"the workspace's test data cannot be loaded ({why})")
+    sample = {m: v[0] for m, v in samples.items()}
+    rt = Runtime(root)  # threads: the policy's (runtime/providers.py applies it)
     for _ in range(10):
         rt.predict(sample)
     stop = threading.Event()

@@ -1,6 +1,8 @@
 """Execution providers: the best one onnxruntime offers here (TensorRT > CUDA > CPU), or the user's."""
 from __future__ import annotations
 
+import functools
+
 import onnxruntime as ort
 
 from mmcl_edge.runtime.errors import RuntimeUserError
@@ -15,8 +17,9 @@ def available() -> list[str]:
     return list(ort.get_available_providers())
 
 
+@functools.lru_cache(maxsize=1)
 def tensorrt_libraries() -> bool:
-    """Whether TensorRT's runtime library (libnvinfer) can be loaded in this process."""
+    """Whether TensorRT's runtime library (libnvinfer) can be loaded in this process (asked once)."""
     import ctypes
     import ctypes.util
 
