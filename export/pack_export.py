@@ -154,13 +154,23 @@ def signing_key_path(ws) -> Path | None:
     return default if default.is_file() else None
 
 
+def provenance(record: dict) -> dict:
+    """What a pack says of the task it was learned from: origin (folder, bag, inbox or benchmark
+    task), data digest, samples per class, classes it added."""
+    rec = record.get("report_record") or {}
+    origin = dict(rec.get("origin") or record.get("origin") or {})
+    return {"origin": origin, "data_sha256": origin.pop("data_sha256", None),
+            "samples_per_class": rec.get("samples_per_class"), "classes_added": rec.get("classes_added")}
+
+
 def publish_pack(ws, task: int, model) -> Path:
     """Export the workspace's backbones if needed, write the pack of ``task`` and make it current."""
     from mmcl_edge.export.backbone_export import ensure_backbones
 
-    sc, src = ws.scenario(), ws.tap_source()
-    index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs)
-    classes = sc.classes_seen(task) if sc.setting == "class-il" else list(range(sc.num_classes))
+    src, specs = ws.tap_source(), ws.specs
+    index = ensure_backbones(ws.root / "backbones", src.backbones, specs)
+    names = ws.class_names(task)
+    record = ws.task_record(task) if ws.state_paths(task)[1].is_file() else {}
     packs = ws.root / layout.PACKS_DIR
     version = layout.next_version(ws.root)
     name = layout.pack_name(version)
@@ -170,12 +180,14 @@ def publish_pack(ws, task: int, model) -> Path:
     try:
         packs.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        manifest = export_pack(model, tmp, version=version, task=task, classes=classes,
-                               label_names=[sc.class_names[c] for c in classes], setting=sc.setting,
-                               preprocess={m: s.to_dict() for m, s in sc.specs.items()},
+        manifest = export_pack(model, tmp, version=version, task=task, classes=list(range(len(names))),
+                               label_names=names, setting=ws.setting,
+                               preprocess={m: s.to_dict() for m, s in specs.items()},
                                backbones={m: e["identity"] for m, e in index["modalities"].items()},
-                               extra={"scenario": sc.name, "workspace_id": ws.meta.get("workspace_id"),
-                                      "state_sha256": sha256_file(weights) if weights.is_file() else None})
+                               extra={"scenario": "taught" if ws.taught else ws.scenario().name,
+                                      "workspace_id": ws.meta.get("workspace_id"),
+                                      "state_sha256": sha256_file(weights) if weights.is_file() else None,
+                                      "provenance": provenance(record)})
         if key is not None:
             from mmcl_edge.runtime.trust import sign_pack
 

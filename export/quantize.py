@@ -325,8 +325,9 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
                 if precision == "int8":
                     records[m]["calibration_samples"] = int(len(calib_idx))
             if pack_folder is not None:
-                accuracy = pack_accuracy(pack_folder, entries, ref_taps, new_taps, sc.test.y[test_idx],
-                                          precision, threads)
+                accuracy = pack_accuracy(pack_folder, entries, ref_taps, new_taps,
+                                         np.array([sc.class_names[c] for c in sc.test.y[test_idx]]),
+                                         precision, threads)
                 for r in records.values():
                     r["accuracy"] = accuracy
                 drop = accuracy["fp32"] - accuracy[precision]
@@ -369,11 +370,12 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
 
 def pack_accuracy(pack_folder: Path, entries: dict, ref_taps: dict, new_taps: dict, y: np.ndarray,
                    precision: str, threads: int) -> dict:
-    """The current pack's test accuracy (%) on FP32 taps and on ``precision`` taps, and how often they agree."""
+    """The current pack's test accuracy (%) on FP32 taps and on ``precision`` taps, and how often they
+    agree; ``y`` holds class names."""
     from mmcl_edge.runtime.pack import load_pack
 
     pack = load_pack(pack_folder, entries, ["CPUExecutionProvider"], threads)
-    classes = np.asarray(pack.manifest["classes"])
+    classes = np.asarray(pack.manifest["label_names"])
 
     def predict(taps):
         out = []

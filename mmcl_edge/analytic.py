@@ -34,6 +34,18 @@ class StreamingRidgeHead(nn.Module):
     def empty(self) -> bool:
         return bool(self.gram.abs().sum() == 0)
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_sums.shape[1])
+
+    @torch.no_grad()
+    def grow(self, n_classes: int) -> None:
+        """Zero sums for classes not seen yet (nothing about them is known)."""
+        extra = n_classes - self.num_classes
+        if extra > 0:
+            self.class_sums = torch.cat([self.class_sums, self.class_sums.new_zeros(self.class_sums.shape[0], extra)], 1)
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(self.weight.shape[0], extra)], 1)
+
     @torch.no_grad()
     def update(self, feats: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         f = feats.double()

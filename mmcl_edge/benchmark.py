@@ -78,7 +78,7 @@ def run_one(spec: ScenarioSpec, name: str, seed: int, config: LearnConfig, cache
     report["learn_seconds"] = float(sum(t.get("train_seconds", 0.0) for t in result.tasks))
     report["wall_seconds"] = time.perf_counter() - start
     if not isinstance(learner, SubsetLearner):
-        report["missing_modality"] = missing_modality_accuracy(scenario, learner, source)
+        report["missing_modality"] = missing_modality_accuracy(learner, result.heldouts)
     return report
 
 

@@ -33,6 +33,14 @@ class MMCLModel(nn.Module):
             raise ValueError(f"unknown head {head_mode!r}: use linear or analytic")
         self.analytic = StreamingRidgeHead(self.feature_dim(), n_classes, ridge) if head_mode == "analytic" else None
 
+    def grow_classes(self, n_seen: int) -> None:
+        """Make room for ``n_seen`` classes: the linear head grows a block, the ridge head's sums a
+        column per new class (a workspace taught task by task does not know its classes up front)."""
+        self.head.grow(n_seen - self.head.num_outputs)
+        if self.analytic is not None and n_seen > self.analytic.num_classes:
+            self.analytic.grow(n_seen)
+        self.n_classes = max(self.n_classes, n_seen)
+
     def fixed_feature_dim(self) -> int:
         """Frozen-backbone part of the analytic features (every tap, pooled) plus a constant 1."""
         return sum(t.dim for taps in self.encoder.modality_taps.values() for t in taps) + 1

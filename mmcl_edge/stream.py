@@ -1,5 +1,5 @@
-"""The one task loop shared by the method and every baseline: taps from the cache, learn a task,
-evaluate on every task seen so far, record the accuracy matrix and timings."""
+"""The one task step shared by the device and the benchmark, the method and every baseline: a task's
+taps from the cache, learn it, evaluate on the held-out data of every task so far."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,16 +11,17 @@ from typing import Callable
 import numpy as np
 
 from mmcl_edge.backbones import TappedBackbone
-from mmcl_edge.data import Scenario
+from mmcl_edge.data import DataFormatError, MultiModalDataset, Scenario
+from mmcl_edge.data.dataset import TaskInput, scenario_task
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.metrics import summarise
-from mmcl_edge.preprocess import ENCODINGS
+from mmcl_edge.preprocess import ENCODINGS, PreprocessSpec
 from mmcl_edge.runtime import memory
 from mmcl_edge.taps import TapCache, backbone_for
 
 
 class TapSource:
-    """The frozen backbones of a scenario's modalities and the cache of their taps.
+    """The frozen backbones of a workspace's modalities and the cache of their taps.
 
     ``encoding`` replaces every modality's encoding where its kind allows it (``"raw"``: the
     signals themselves, for the raw-ridge baseline).
@@ -28,32 +29,72 @@ class TapSource:
 
     def __init__(self, scenario: Scenario, cache_root: Path, progress: Callable | None = None,
                  encoding: str | None = None):
+        examples = {m: _first_present(scenario.train, m) for m in scenario.specs}
+        self._setup(scenario.specs, cache_root, progress, encoding, examples=examples)
         self.scenario = scenario
+
+    @classmethod
+    def for_specs(cls, specs: dict[str, PreprocessSpec], shapes: dict[str, tuple[int, ...]], cache_root: Path,
+                  progress: Callable | None = None) -> "TapSource":
+        """A source for a workspace that has no data set of its own (it is taught task by task):
+        backbones are built from the preprocessed input shapes it remembers."""
+        self = cls.__new__(cls)
+        self._setup(specs, cache_root, progress, None, shapes=shapes)
+        self.scenario = None
+        return self
+
+    def _setup(self, specs, cache_root, progress, encoding, examples=None, shapes=None):
         self.cache = TapCache(cache_root)
         self.progress = progress  # progress(description, total) -> context manager with .advance(n)
         self.specs = {m: (dataclasses.replace(s, encoding=encoding) if encoding in ENCODINGS[s.kind] else s)
-                      for m, s in scenario.specs.items()}
+                      for m, s in specs.items()}
         self.backbones: dict[str, TappedBackbone] = {
-            m: backbone_for(spec, scenario.train.samples[m][0]) for m, spec in self.specs.items()}
+            m: backbone_for(spec, None if examples is None else examples[m],
+                            shape=None if shapes is None else shapes[m]) for m, spec in self.specs.items()}
 
     @property
     def modality_taps(self):
         return {m: b.taps for m, b in self.backbones.items()}
 
-    def taps(self, split: str, idx: np.ndarray, label_map: dict[int, int], what: str = "") -> tuple[TaskData, float, int]:
-        ds = self.scenario.train if split == "train" else self.scenario.test
+    def taps_of(self, ds: MultiModalDataset, y: np.ndarray, what: str = "") -> tuple[TaskData, float, int]:
+        """Taps of every sample of ``ds`` (labelled ``y``, head indices). A sample that lacks a
+        modality gets zero taps and a 0 in ``present`` for it, as the runtime feeds them; nothing
+        is extracted or cached for it."""
         out, seconds, extracted = {}, 0.0, 0
-        for m, spec in self.specs.items():
-            samples = [ds.samples[m][i] for i in idx]
+        masks = [ds.presence(m) for m in self.specs]
+        for (m, spec), mask in zip(self.specs.items(), masks):
+            rows = np.flatnonzero(mask)
+            samples = [ds.samples[m][i] for i in rows]
             ctx = self.progress(f"taps {m} {what}".strip(), len(samples)) if self.progress else nullcontext(None)
             with ctx as bar:
                 arrays, stats = self.cache.get(m, samples, spec, self.backbones[m],
                                                progress=(bar.advance if bar is not None else None))
+            if len(rows) < len(ds):
+                full = [np.zeros((len(ds), *t_shape(tap)), np.float32) for tap in self.backbones[m].taps]
+                for f, a in zip(full, arrays):
+                    f[rows] = a
+                arrays = full
             out[m] = arrays
             seconds += stats.seconds
             extracted += stats.extracted
-        y = np.array([label_map[int(c)] for c in ds.y[idx]])
-        return TaskData(out, y), seconds, extracted
+        present = None if all(mk.all() for mk in masks) else np.stack(masks, axis=1).astype(np.float32)
+        return TaskData(out, np.asarray(y, dtype=np.int64), present), seconds, extracted
+
+    def taps(self, split: str, idx: np.ndarray, label_map: dict[int, int], what: str = "") -> tuple[TaskData, float, int]:
+        """Taps of samples ``idx`` of the scenario's ``split``, labels mapped to head indices."""
+        ds = (self.scenario.train if split == "train" else self.scenario.test).subset(idx)
+        return self.taps_of(ds, np.array([label_map[int(c)] for c in ds.y]), what)
+
+
+def t_shape(tap) -> tuple[int, int]:
+    return (tap.tokens, tap.dim)
+
+
+def _first_present(ds: MultiModalDataset, modality: str) -> np.ndarray:
+    rows = np.flatnonzero(ds.presence(modality))
+    if not len(rows):
+        raise DataFormatError(f"no training sample has the modality {modality!r}")
+    return ds.samples[modality][rows[0]]
 
 
 def label_map(scenario: Scenario, upto: int) -> dict[int, int]:
@@ -63,63 +104,102 @@ def label_map(scenario: Scenario, upto: int) -> dict[int, int]:
     return {c: c for c in range(scenario.num_classes)}
 
 
+def add_classes(class_names: list[str], task: TaskInput) -> list[str]:
+    """The head's class names after ``task``: names it has not seen are appended, in the order of
+    their label in the task (a known name only brings more samples of its class)."""
+    names = list(class_names)
+    for c in np.unique(task.train.y):
+        name = task.names[int(c)]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def task_taps(source: TapSource, task: TaskInput, class_names: list[str], what: str = ""
+              ) -> tuple[TaskData, TaskData | None, float, int]:
+    """A task's training and held-out taps, labelled with head indices of ``class_names``."""
+    index = {n: i for i, n in enumerate(class_names)}
+
+    def head_labels(ds):
+        missing = sorted({n for n in task.label_names(ds) if n not in index})
+        if missing:
+            raise DataFormatError(f"held-out samples of class(es) {', '.join(missing)} that no task has taught")
+        return np.array([index[n] for n in task.label_names(ds)], dtype=np.int64)
+
+    train, seconds, extracted = source.taps_of(task.train, head_labels(task.train), f"{what} train".strip())
+    heldout = None
+    if task.heldout is not None and len(task.heldout):
+        heldout, s, n = source.taps_of(task.heldout, head_labels(task.heldout), f"{what} held-out".strip())
+        seconds += s
+        extracted += n
+    return train, heldout, seconds, extracted
+
+
+def accuracy_row(learner: Learner, heldouts: list[TaskData | None]) -> list[float | None]:
+    """Accuracy on each task's held-out data (None where a task kept none)."""
+    return [float(np.mean(learner.predict(h) == h.y)) if h is not None and len(h) else None for h in heldouts]
+
+
 @dataclass
 class StreamResult:
     accuracy_matrix: list[list[float | None]] = field(default_factory=list)
     tasks: list[dict] = field(default_factory=list)
+    heldouts: list[TaskData | None] = field(default_factory=list)  # taps of each task's held-out data
 
     def report(self) -> dict:
         return {"accuracy_matrix": self.accuracy_matrix, "tasks": self.tasks, **summarise(self.accuracy_matrix)}
 
 
-def learn_one_task(scenario: Scenario, learner: Learner, source: TapSource, t: int,
-                   train_override: TaskData | None = None) -> tuple[list[float | None], dict]:
-    """Learn task ``t`` and evaluate on every task; returns (row of R, task record)."""
-    task = scenario.tasks[t]
-    lmap = label_map(scenario, t)
+def learn_one_task(learner: Learner, t: int, train: TaskData, n_seen: int,
+                   heldouts: list[TaskData | None]) -> tuple[list[float | None], dict]:
+    """Learn task ``t`` from its training taps and evaluate on the held-out data of every task so
+    far (``heldouts[j]``: task j's, this one's last). The one step that the workspace (every task a
+    device is taught) and the benchmark (every method and baseline) share. Returns (row of R,
+    the task's learning record)."""
     per_task_peak = memory.reset_peak()
-    data, extract_s, extracted = source.taps("train", task.train_idx, lmap, f"task {t} train")
-    if train_override is not None:
-        data = train_override
-    n_seen = len(lmap) if scenario.setting == "class-il" else scenario.num_classes
-    info = learner.learn_task(t, data, n_seen)
-    row: list[float | None] = []
-    for j, other in enumerate(scenario.tasks):
-        if scenario.setting == "class-il" and j > t:
-            row.append(None)
-            continue
-        test, s, n = source.taps("test", other.test_idx, label_map(scenario, max(j, t)), f"task {j} test")
-        extract_s += s
-        extracted += n
-        row.append(float(np.mean(learner.predict(test) == test.y)) if len(test) else None)
-    record = {"index": t, "name": task.name, "classes": [scenario.class_names[c] for c in task.classes],
-              "train_samples": int(len(task.train_idx)), "extract_seconds": extract_s,
-              "samples_extracted": extracted, **info,
-              # resident memory of the learning process: its peak during this task (else since it began)
-              "peak_rss_mb": memory.peak_rss_mb(), "peak_rss_scope": "task" if per_task_peak else "process"}
-    return row, record
+    info = learner.learn_task(t, train, n_seen)
+    row = accuracy_row(learner, heldouts)
+    # resident memory of the learning process: its peak during this task (else since it began)
+    return row, {"train_samples": int(len(train)), **info, "peak_rss_mb": memory.peak_rss_mb(),
+                 "peak_rss_scope": "task" if per_task_peak else "process"}
 
 
-def missing_modality_accuracy(scenario: Scenario, learner: Learner, source: TapSource) -> dict[str, float]:
-    """Final average accuracy with each modality missing from every test sample (the learner as it
-    is after the last task): what a sensor dropping out costs."""
-    if len(scenario.modalities) < 2:
+def scenario_classes(scenario: Scenario) -> list[str]:
+    """The head's class names before the first task: none in class-IL (they arrive with their
+    tasks); every class in domain-IL (one fixed label set, new conditions per task)."""
+    return [] if scenario.setting == "class-il" else list(scenario.class_names)
+
+
+def missing_modality_accuracy(learner: Learner, heldouts: list[TaskData | None]) -> dict[str, float]:
+    """Final average accuracy with each modality missing from every held-out sample (the learner as
+    it is after the last task): what a sensor dropping out costs."""
+    tests = [h for h in heldouts if h is not None and len(h)]
+    if not tests or len(tests[0].taps) < 2:
         return {}
-    last = len(scenario.tasks) - 1
-    tests = [source.taps("test", task.test_idx, label_map(scenario, last))[0] for task in scenario.tasks]
-    out = {}
-    for m in scenario.modalities:
-        row = [float(np.mean(learner.predict(t.without(m)) == t.y)) if len(t) else None for t in tests]
-        out[m] = float(np.mean([v for v in row if v is not None]))
-    return out
+    return {m: float(np.mean([np.mean(learner.predict(t.without(m)) == t.y) for t in tests])) for m in tests[0].taps}
 
 
 def run_stream(scenario: Scenario, learner: Learner, source: TapSource, on_task: Callable | None = None) -> StreamResult:
+    """Every task of a built-in stream, produced as the device receives tasks (``scenario_task``)."""
     result = StreamResult()
+    classes = scenario_classes(scenario)
     for t in range(len(scenario.tasks)):
-        row, record = learn_one_task(scenario, learner, source, t)
+        task = scenario_task(scenario, t)
+        classes = add_classes(classes, task)
+        train, heldout, extract_s, extracted = task_taps(source, task, classes, f"task {t}")
+        result.heldouts.append(heldout)
+        row, info = learn_one_task(learner, t, train, len(classes), result.heldouts)
+        record = {"index": t, "name": task.name, "classes": [task.names[int(c)] for c in np.unique(task.train.y)],
+                  "extract_seconds": extract_s, "samples_extracted": extracted, **info}
         result.accuracy_matrix.append(row)
         result.tasks.append(record)
         if on_task:
             on_task(t, row, record)
+    result.accuracy_matrix = square(result.accuracy_matrix)
     return result
+
+
+def square(matrix: list[list[float | None]]) -> list[list[float | None]]:
+    """Rows padded with None to the number of tasks so far (a task cannot be tested before it arrives)."""
+    n = len(matrix)
+    return [list(row) + [None] * (n - len(row)) for row in matrix]

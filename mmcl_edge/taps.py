@@ -25,12 +25,13 @@ DEFAULT_BACKBONES = {("image", "cnn"): "efficientnet-lite0", ("audio", "cnn"): "
                      ("video", "cnn"): "efficientnet-lite0-video", ("vector", "identity"): "identity"}
 
 
-def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = None) -> TappedBackbone:
+def backbone_for(spec: PreprocessSpec, example: np.ndarray | None, name: str | None = None,
+                 shape: tuple[int, ...] | None = None) -> TappedBackbone:
     """The frozen backbone of a modality: the default of its kind and encoding, or a registered name.
 
     Backbones get the input geometry they ask for (by parameter name), read off the spec and one
-    preprocessed example: ``image_size``, ``frames``, ``channels``/``length`` (series),
-    ``input_shape`` and ``dim``.
+    preprocessed example (or its ``shape``, as a workspace remembers it): ``image_size``, ``frames``,
+    ``channels``/``length`` (series), ``input_shape`` and ``dim``.
     """
     if spec.encoding == "raw":
         name = "raw"
@@ -38,7 +39,7 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray, name: str | None = N
     factory = BACKBONES.get(name)
     if factory is None:
         return create_backbone(name)  # the registry's own "unknown backbone" error
-    shape = preprocess(example, spec).shape
+    shape = tuple(shape) if shape is not None else preprocess(example, spec).shape
     offered = {"image_size": spec.image_size, "frames": spec.frames, "input_shape": shape,
                "dim": int(np.prod(shape)), "channels": shape[0], "length": shape[-1]}
     wanted = inspect.signature(factory).parameters

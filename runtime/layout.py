@@ -32,6 +32,8 @@ STATE_DIR = "state"
 PACKS_DIR = "packs"
 CURRENT_FILE = "current"
 REPORT_FILE = "report.json"
+HELDOUT_DIR = "heldout"
+INBOX_DIR = "inbox"
 PACK_NAME = re.compile(r"^v(\d{4,9})$")
 TMP_PREFIX = ".tmp-"
 
@@ -112,7 +114,7 @@ def clean_temporaries(root: Path) -> list[Path]:
     """Remove the temporary files and partial pack folders an interrupted writer left behind."""
     root = Path(root)
     removed = []
-    for folder in (root, root / STATE_DIR, root / PACKS_DIR, root / "backbones"):
+    for folder in (root, root / STATE_DIR, root / PACKS_DIR, root / "backbones", root / HELDOUT_DIR):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -131,6 +133,11 @@ def clean_temporaries(root: Path) -> list[Path]:
 def state_paths(root: Path, k: int) -> tuple[Path, Path]:
     d = Path(root) / STATE_DIR
     return d / f"task_{k:03d}.safetensors", d / f"task_{k:03d}.json"
+
+
+def heldout_path(root: Path, k: int) -> Path:
+    """Task ``k``'s held-out data as taps with their class names (written before its state commits)."""
+    return Path(root) / HELDOUT_DIR / f"task_{k:03d}.npz"
 
 
 def committed_tasks(root: Path) -> int:

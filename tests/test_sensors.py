@@ -568,8 +568,9 @@ def test_missing_modality_accuracy_on_the_synthetic_scenario(tmp_path):
     sc = load_scenario("synthetic-cil", seed=0)
     src = TapSource(sc, tmp_path / "taps")
     learner = create_learner("ridge", LearnConfig(), src.modality_taps, sc.setting, sc.num_classes)
-    report = run_stream(sc, learner, src).report()
-    missing = missing_modality_accuracy(sc, learner, src)
+    result = run_stream(sc, learner, src)
+    report = result.report()
+    missing = missing_modality_accuracy(learner, result.heldouts)
     assert set(missing) == set(sc.modalities)
     assert all(0.0 <= v <= 1.0 for v in missing.values())
     # each modality carries part of the signal: losing one costs accuracy but stays above chance
@@ -589,8 +590,9 @@ def test_missing_modality_accuracy_knows_which_sensor_matters(tmp_path):
         ds.samples["vec"] = [rng.normal(0, 1, 4).astype(np.float32) for _ in ds.y]
     src = TapSource(sc, tmp_path / "taps")
     learner = create_learner("ridge", LearnConfig(), src.modality_taps, sc.setting, sc.num_classes)
-    full = run_stream(sc, learner, src).report()["final_average_accuracy"]
-    missing = missing_modality_accuracy(sc, learner, src)
+    result = run_stream(sc, learner, src)
+    full = result.report()["final_average_accuracy"]
+    missing = missing_modality_accuracy(learner, result.heldouts)
     assert full > 0.8
     assert missing["vec"] > 0.8
     assert missing["acc"] < 0.5

@@ -13,20 +13,58 @@ from mmcl_edge.errors import DataFormatError  # noqa: E402  (one hierarchy: mmcl
 
 @dataclass
 class MultiModalDataset:
-    """Raw samples per modality (a list: clips may differ in length), integer labels, domains."""
+    """Raw samples per modality (a list: clips may differ in length), integer labels, domains.
+
+    ``present`` marks, per modality, the samples that have it (a review without a title, a window in
+    which a sensor sent nothing); None = every sample has every modality. An absent sample's array
+    is a placeholder that nothing reads.
+    """
 
     samples: dict[str, list[np.ndarray]]
     y: np.ndarray
     domain: np.ndarray | None = None
+    present: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def presence(self, modality: str) -> np.ndarray:
+        """Boolean [N]: which samples have ``modality``."""
+        if self.present is None or modality not in self.present:
+            return np.ones(len(self.y), bool)
+        return np.asarray(self.present[modality], bool)
 
     def subset(self, idx: np.ndarray) -> "MultiModalDataset":
         idx = np.asarray(idx, dtype=int)
         return MultiModalDataset(
             {m: [s[i] for i in idx] for m, s in self.samples.items()}, self.y[idx],
-            None if self.domain is None else self.domain[idx])
+            None if self.domain is None else self.domain[idx],
+            None if self.present is None else {m: np.asarray(p)[idx] for m, p in self.present.items()})
+
+
+@dataclass
+class TaskInput:
+    """One task as it arrives on the device: labelled samples (``y`` indexes ``names``, the class
+    names), optional held-out samples labelled the same way, and where it came from.
+
+    Every producer (a data folder, a robot's bag, the service's inbox, a benchmark scenario, the
+    Python API) makes one of these, and ``Workspace.learn_task`` is the one path that learns it.
+    """
+
+    train: MultiModalDataset
+    names: list[str]
+    heldout: MultiModalDataset | None = None
+    origin: dict = field(default_factory=dict)
+    name: str = ""
+
+    def label_names(self, ds: MultiModalDataset) -> list[str]:
+        return [self.names[int(c)] for c in ds.y]
+
+    def samples_per_class(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.label_names(self.train):
+            counts[n] = counts.get(n, 0) + 1
+        return counts
 
 
 @dataclass
@@ -67,6 +105,15 @@ class Scenario:
         for t in self.tasks[: upto + 1]:
             seen.extend(c for c in t.classes if c not in seen)
         return seen
+
+
+def scenario_task(scenario: Scenario, t: int) -> TaskInput:
+    """Task ``t`` of a built-in stream as the device would receive it: its training samples and its
+    share of the test split as held-out data, labelled with class names."""
+    task = scenario.tasks[t]
+    return TaskInput(scenario.train.subset(task.train_idx), list(scenario.class_names),
+                     scenario.test.subset(task.test_idx),
+                     {"scenario": scenario.name, "task": t}, task.name)
 
 
 def class_incremental_tasks(y_train: np.ndarray, y_test: np.ndarray, classes_per_task: int,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, class_incremental_tasks,
-                                    domain_incremental_tasks)
+from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, TaskInput,
+                                    class_incremental_tasks, domain_incremental_tasks)
 from mmcl_edge.preprocess import KINDS, PreprocessSpec
 
 
@@ -105,6 +105,7 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
     if undeclared:
         raise DataFormatError(f"{path} has arrays for modalities not declared in modalities.json: "
                               f"{', '.join(undeclared)}")
+    present = _read_presence(arrays, path, specs, len(y))
     samples = {}
     for name, spec in specs.items():
         key = f"x_{name}"
@@ -116,7 +117,8 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
         if not np.issubdtype(x.dtype, np.number):
             raise DataFormatError(f"'{key}' in {path} must be numeric, got dtype {x.dtype}")
         if np.issubdtype(x.dtype, np.floating):
-            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+                                 & (present or {}).get(name, np.ones(len(x), bool)))
             if len(bad):
                 raise DataFormatError(f"'{key}' in {path} has NaN or infinite values in {len(bad)} "
                                       f"samples (first: sample {bad[0]})")
@@ -131,7 +133,32 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
             raise DataFormatError(f"'domain' in {path} has {len(domain)} entries but 'y' has {len(y)}")
         if not np.issubdtype(domain.dtype, np.integer):
             raise DataFormatError(f"'domain' in {path} must hold integer ids, got dtype {domain.dtype}")
-    return samples, y, domain
+    return samples, y, domain, present
+
+
+def _read_presence(arrays: dict, path: Path, specs: dict, n: int) -> dict[str, np.ndarray] | None:
+    """Optional ``present_<modality>`` boolean [N] arrays: False marks a sample that lacks the modality
+    (its ``x_`` entry is then ignored). Every sample must keep at least one modality."""
+    present = {}
+    for key in arrays:
+        if not key.startswith("present_"):
+            continue
+        name = key[len("present_"):]
+        if name not in specs:
+            raise DataFormatError(f"'{key}' in {path} names no declared modality (declared: {', '.join(specs)})")
+        p = arrays[key]
+        if p.shape != (n,) or not (p.dtype == bool or np.issubdtype(p.dtype, np.integer)) or not np.isin(p, (0, 1)).all():
+            raise DataFormatError(f"'{key}' in {path} must be a boolean array of one value per sample ({n}), "
+                                  f"got dtype {p.dtype} shape {p.shape}")
+        present[name] = p.astype(bool)
+    if not present:
+        return None
+    full = np.stack([present.get(m, np.ones(n, bool)) for m in specs])
+    empty = np.flatnonzero(~full.any(axis=0))
+    if len(empty):
+        raise DataFormatError(f"{path}: {len(empty)} sample(s) have no modality present (first: sample {empty[0]}); "
+                              "every sample needs at least one")
+    return present
 
 
 class DataLayoutWarning(UserWarning):
@@ -146,8 +173,8 @@ def load_generic(folder, setting: str = "class-il", classes_per_task: int = 2, s
     if setting not in ("class-il", "domain-il"):
         raise DataFormatError(f"unknown setting {setting!r}: use class-il or domain-il")
     specs, class_names = _read_specs(folder)
-    xs_train, y_train, d_train = _read_split(folder, "train", specs)
-    xs_test, y_test, d_test = _read_split(folder, "test", specs)
+    xs_train, y_train, d_train, p_train = _read_split(folder, "train", specs)
+    xs_test, y_test, d_test, p_test = _read_split(folder, "test", specs)
     labels = np.unique(y_train)
     unknown = sorted(set(np.unique(y_test).tolist()) - set(labels.tolist()))
     if unknown:
@@ -163,10 +190,85 @@ def load_generic(folder, setting: str = "class-il", classes_per_task: int = 2, s
     y_test = np.array([remap[int(v)] for v in y_test])
     if class_names is None or len(class_names) != len(labels):
         class_names = [str(int(v)) for v in labels]
-    train = MultiModalDataset(xs_train, y_train, d_train)
-    test = MultiModalDataset(xs_test, y_test, d_test)
+    train = MultiModalDataset(xs_train, y_train, d_train, p_train)
+    test = MultiModalDataset(xs_test, y_test, d_test, p_test)
     if setting == "class-il":
         tasks = class_incremental_tasks(y_train, y_test, classes_per_task, seed)
     else:
         tasks = domain_incremental_tasks(y_train, d_train, d_test)
     return Scenario(folder.name, setting, train, test, specs, tasks, list(class_names))
+
+
+def read_task_folder(folder, holdout: float | None = None, seed: int = 0) -> tuple[dict[str, PreprocessSpec], TaskInput]:
+    """One task from a generic-format folder, as ``mmcl-edge teach`` receives it.
+
+    ``y`` indexes the folder's own ``class_names`` (absent: the labels' values are their names).
+    ``test.npz``, when there, is the task's held-out data; ``holdout`` instead keeps a seeded
+    fraction of ``train.npz`` (stratified by class where a class has 2 samples or more).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataFormatError(f"task folder {folder} does not exist")
+    specs, class_names = _read_specs(folder)
+    xs, y, dom, present = _read_split(folder, "train", specs)
+    train = MultiModalDataset(xs, y, dom, present)
+    heldout = None
+    if (folder / "test.npz").is_file():
+        if holdout:
+            raise DataFormatError(f"{folder} has a test.npz: it is the held-out data; drop --holdout")
+        xt, yt, dt, pt = _read_split(folder, "test", specs)
+        heldout = MultiModalDataset(xt, yt, dt, pt)
+    names = _task_class_names(folder, class_names, train.y, None if heldout is None else heldout.y)
+    if holdout:
+        if not 0 < holdout < 1:
+            raise DataFormatError(f"--holdout must be a fraction in (0, 1), not {holdout}")
+        train, heldout = split_holdout(train, holdout, seed)
+    origin = {"folder": str(folder.resolve()), "data_sha256": folder_digest(folder)}
+    return specs, TaskInput(train, names, heldout, origin, folder.name)
+
+
+def _task_class_names(folder: Path, class_names, y: np.ndarray, y_test: np.ndarray | None) -> list[str]:
+    labels = np.unique(y if y_test is None else np.concatenate([y, y_test]))
+    if class_names is None:
+        if labels.min() < 0:
+            raise DataFormatError(f"labels in {folder} must be >= 0 (they index class_names), got {labels.min()}")
+        names = [str(i) for i in range(int(labels.max()) + 1)]
+        return names
+    if not isinstance(class_names, list) or not all(isinstance(n, str) and n.strip() for n in class_names):
+        raise DataFormatError(f"class_names in {folder / 'modalities.json'} must be a list of non-empty strings")
+    if len(set(class_names)) != len(class_names):
+        raise DataFormatError(f"class_names in {folder / 'modalities.json'} repeats a name")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise DataFormatError(f"labels in {folder} must index class_names (0..{len(class_names) - 1}); "
+                              f"found {int(labels.min())}..{int(labels.max())}")
+    return list(class_names)
+
+
+def split_holdout(ds: MultiModalDataset, fraction: float, seed: int = 0) -> tuple[MultiModalDataset, MultiModalDataset]:
+    """A seeded, per-class share of ``ds`` kept aside; a class with one sample keeps it for training."""
+    rng = np.random.default_rng(seed + 104729)
+    held = []
+    for c in np.unique(ds.y):
+        idx = rng.permutation(np.flatnonzero(ds.y == c))
+        if len(idx) >= 2:
+            held.extend(idx[:max(1, int(round(fraction * len(idx))))])
+    if not held:
+        raise DataFormatError("--holdout needs a class with at least 2 samples")
+    mask = np.zeros(len(ds), bool)
+    mask[held] = True
+    return ds.subset(np.flatnonzero(~mask)), ds.subset(np.flatnonzero(mask))
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a task folder's files (names and bytes): the task's data in its provenance."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("modalities.json", "train.npz", "test.npz"):
+        path = folder / name
+        if path.is_file():
+            h.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()

@@ -74,7 +74,9 @@ class AdapterLearner(Learner):
         torch.manual_seed(seed)
         threads.apply_torch(cfg.train.threads)  # train.threads, else the thread policy (mmcl_edge.threads)
         n_old = model.head.num_outputs if self.setting == "class-il" else 0
-        model.head.grow(n_seen - model.head.num_outputs)
+        if n_old and int(data.y.min()) < n_old:
+            n_old = 0  # the task brings more samples of known classes: cross-entropy over every class
+        model.grow_classes(n_seen)
         train = self.training_data(data)
         before = ([self._features(v) for v, _ in self._analytic_views(data)]
                   if model.analytic is not None and cfg.drift_compensation and not model.analytic.empty else None)
