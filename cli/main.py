@@ -930,6 +930,9 @@ def download_fsdd(to: Path = typer.Option(..., help="Folder to put FSDD's record
     out.print(f"FSDD recordings in {folder}; use --data-dir {folder} or MMCL_EDGE_DATA={folder}")
 
 
+from mmcl_edge.cli import teach as _teach  # noqa: E402,F401  (registers the command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

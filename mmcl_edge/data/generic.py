@@ -272,3 +272,36 @@ def folder_digest(folder: Path) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()
+
+
+def write_task_folder(folder, specs: dict[str, PreprocessSpec], train: MultiModalDataset, names: list[str],
+                      heldout: MultiModalDataset | None = None) -> Path:
+    """Write a task in the generic format (``y`` indexes ``names``): what ``read_task_folder`` reads.
+
+    The one writer of the format, for producers that make tasks (a robot's bag, a benchmark cut
+    into folders, tests). Absent samples get zeros of their modality's shape and ``present_`` False.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    def options(spec):  # the kind and what differs from its defaults, as a person would write it
+        default = PreprocessSpec(spec.kind).to_dict()
+        return {"kind": spec.kind, **{k: v for k, v in spec.to_dict().items()
+                                      if k not in ("kind", "options") and v != default[k]}, **spec.options}
+
+    opts = {m: options(s) for m, s in specs.items()}
+    (folder / "modalities.json").write_text(json.dumps({**opts, "class_names": list(names)}, indent=1))
+    for split, ds in (("train", train), ("test", heldout)):
+        if ds is None:
+            continue
+        arrays = {"y": np.asarray(ds.y, dtype=np.int64)}
+        for m in specs:
+            mask = ds.presence(m)
+            ref = next((np.asarray(x) for x, p in zip(ds.samples[m], mask) if p), None)
+            rows = [np.asarray(x) if p else np.zeros_like(ref) for x, p in zip(ds.samples[m], mask)]
+            arrays[f"x_{m}"] = np.stack(rows)
+            if not mask.all():
+                arrays[f"present_{m}"] = mask
+        if ds.domain is not None:
+            arrays["domain"] = np.asarray(ds.domain)
+        np.savez(folder / f"{split}.npz", **arrays)
+    return folder
