@@ -516,7 +516,7 @@ def bench_cl(
     require_extra("learn")
     if ray or ray_address:
         require_extra("scale", "ray")
-    from mmcl_edge.benchmark import ScenarioSpec, run_cl_benchmark
+    from mmcl_edge.bench.cl import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.config import LearnConfig
     from mmcl_edge.learners import BASELINE_NAMES, method_names
@@ -570,7 +570,7 @@ def bench_cl(
         out.print(g)
     out.print(f"results: {out_file}")
     if plot:
-        from mmcl_edge.plots import write_plots
+        from mmcl_edge.bench.plots import write_plots
 
         try:
             paths = write_plots(result, plot)
@@ -601,7 +601,7 @@ def bench_learn(
     """
     require_extra("learn")
     from mmcl_edge.cli.progress import progress_bar
-    from mmcl_edge.learn_bench import run_learn_bench, run_while_serving
+    from mmcl_edge.bench.learn import run_learn_bench, run_while_serving
 
     if thread_policy not in ("on", "off"):
         raise ConfigError(f"--thread-policy must be on or off, not {thread_policy!r}")
@@ -651,7 +651,7 @@ def bench_encoders(
     require_extra("learn")
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.data import load_scenario
-    from mmcl_edge.probe import probe_encoders
+    from mmcl_edge.bench.probe import probe_encoders
 
     if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
         data_dir = Path(os.environ["MMCL_EDGE_DATA"])
@@ -688,7 +688,7 @@ def bench_soak(
     """
     require_extra("learn")  # the learner child; the serving side (this process) stays torch-free
     from mmcl_edge.runtime.latency import workspace_test_samples
-    from mmcl_edge.soak import run_soak
+    from mmcl_edge.bench.soak import run_soak
 
     root = workspace.expanduser().resolve()
     if not (root / "workspace.json").is_file():
@@ -787,7 +787,7 @@ def bench_latency(
         err.print("note: FLOPs not counted: the onnx package is not installed (the learn extra)", highlight=False)
     eager: dict = {}
     if have_torch and samples is not None:
-        from mmcl_edge.eager import measure_in_child
+        from mmcl_edge.bench.eager import measure_in_child
 
         eager = measure_in_child(root, batch, repeats, threads)  # {batch: stages} or {"skipped": why}
     else:
