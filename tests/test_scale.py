@@ -80,7 +80,7 @@ def test_two_ray_serve_replicas_each_pick_up_a_new_pack(local_ray, synthetic_ws,
 
 
 def test_bench_cl_on_ray_gives_the_same_rows_as_local_workers(local_ray, tmp_path):
-    from mmcl_edge.benchmark import ScenarioSpec, run_cl_benchmark
+    from mmcl_edge.bench.cl import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.config import LearnConfig
 
     spec = ScenarioSpec("synthetic-cil")

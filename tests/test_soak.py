@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from mmcl_edge.runtime import layout
-from mmcl_edge.soak import _BINS, _bin, check_answer, hist_percentile
+from mmcl_edge.bench.soak import _BINS, _bin, check_answer, hist_percentile
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 KEYS = ("minutes", "threads", "requests", "failures", "swaps", "rejected_packs", "packs_published", "p50_ms",

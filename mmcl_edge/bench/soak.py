@@ -16,7 +16,7 @@ keeps only fixed-size state (latency histograms, the first few errors), so it do
 Note: the soak re-learns the workspace's last task; its packs accumulate in ``WS/packs``. Soak a
 copy of a workspace whose packs or state you care about.
 
-    python -m mmcl_edge.soak learner WS     # the learner loop alone (what the soak starts)
+    python -m mmcl_edge.bench.soak learner WS     # the learner loop alone (what the soak starts)
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class _Learner:
 
     def __init__(self, root: Path, command: list[str] | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = command or [sys.executable, "-m", "mmcl_edge.soak", "learner", str(root)]
+        cmd = command or [sys.executable, "-m", "mmcl_edge.bench.soak", "learner", str(root)]
         # its own session: a Ctrl-C in the terminal reaches the soak only, which then stops the learner
         # between tasks; stdin is its lifeline (closed: stop), so it also stops if the soak dies
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -330,7 +330,7 @@ def learner_loop(root, stop: threading.Event, log: Callable[[str], None] = print
 
 def _learner_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "learner":
-        print("usage: python -m mmcl_edge.soak learner WORKSPACE", file=sys.stderr)
+        print("usage: python -m mmcl_edge.bench.soak learner WORKSPACE", file=sys.stderr)
         return 2
     stop = threading.Event()
 

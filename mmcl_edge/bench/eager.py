@@ -5,7 +5,7 @@ It runs in a child process with PyTorch's own threading (``mmcl_edge.threads`` p
 thread policy's passive OpenMP waits suit a learner that shares the cores, but they make eager
 inference wait on every operator, so measuring eager under them would flatter the runtime.
 
-    python -m mmcl_edge.eager '{"root": ..., "batches": [1, 8], "repeats": 50, "threads": 0}'
+    python -m mmcl_edge.bench.eager '{"root": ..., "batches": [1, 8], "repeats": 50, "threads": 0}'
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def measure_in_child(root: Path, batches: list[int], repeats: int, threads: int 
 
     args = json.dumps({"root": str(root), "batches": list(batches), "repeats": repeats, "threads": threads})
     # cwd: a neutral folder, so a source checkout's mmcl_edge/ in the caller's cwd cannot shadow the package
-    proc = subprocess.run([sys.executable, "-m", "mmcl_edge.eager", args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mmcl_edge.bench.eager", args], capture_output=True, text=True,
                           env=child_env(policy=False), timeout=3600, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         return {"skipped": f"the eager run failed: {proc.stderr.strip()[-300:]}"}

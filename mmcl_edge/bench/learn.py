@@ -12,7 +12,7 @@ gradient-trained head (a like-for-like training-cost comparison):
   gradient, so every activation is kept and the gradient flows back through every layer; the
   backbone's weights are still not updated), then the same adapters, head and loss.
 
-Each runs in its own fresh process (``python -m mmcl_edge.learn_bench worker``), so time and peak
+Each runs in its own fresh process (``python -m mmcl_edge.bench.learn worker``), so time and peak
 resident memory (``ru_maxrss``) are that path's alone; ``rss_before_mb`` is what every path holds
 before its timed part (Python, PyTorch, the scenario's raw data, the backbones). (b)'s time counts
 its per-step preprocessing (``stages.preprocess_s``); ``ratio_seconds_without_step_preprocessing``
@@ -29,8 +29,8 @@ while serving, and the runtime's p50/p99 quiet vs while the learner process runs
 start-up, tap extraction and training). ``thread_policy`` says whether ``mmcl_edge.threads``'
 policy was in force in the children (``off``: library defaults, the "before").
 
-    python -m mmcl_edge.learn_bench worker   # one path (a JSON spec on stdin, JSON lines on stdout)
-    python -m mmcl_edge.learn_bench serve    # the serving loop (same protocol; "stop" on stdin ends it)
+    python -m mmcl_edge.bench.learn worker   # one path (a JSON spec on stdin, JSON lines on stdout)
+    python -m mmcl_edge.bench.learn serve    # the serving loop (same protocol; "stop" on stdin ends it)
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def _child_main(kind: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # parent side
 class _Child:
-    """``python -m mmcl_edge.learn_bench KIND`` with a JSON spec; reads its JSON lines."""
+    """``python -m mmcl_edge.bench.learn KIND`` with a JSON spec; reads its JSON lines."""
 
     def __init__(self, kind: str, spec: dict, policy: bool, on_line: Callable[[dict], None] | None = None):
         from mmcl_edge import threads
@@ -256,7 +256,7 @@ class _Child:
         self.result: dict | None = None
         self.ready = threading.Event()
         self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmcl_edge.learn_bench", kind], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmcl_edge.bench.learn", kind], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, env=threads.child_env(policy),
                                      cwd=tempfile.gettempdir())  # a checkout's mmcl_edge/ in the cwd must not shadow it
         self.proc.stdin.write(json.dumps(spec) + "\n")
@@ -436,6 +436,6 @@ def run_while_serving(root: Path, task: int = 0, epochs: int | None = None, max_
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in ("worker", "serve"):
-        sys.stderr.write("usage: python -m mmcl_edge.learn_bench worker|serve  (a JSON spec on stdin)\n")
+        sys.stderr.write("usage: python -m mmcl_edge.bench.learn worker|serve  (a JSON spec on stdin)\n")
         sys.exit(2)
     sys.exit(_child_main(sys.argv[1]))

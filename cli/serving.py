@@ -1,0 +1,59 @@
+"""``mmcl-edge serve``: the Open Inference Protocol endpoint (optionally on Ray Serve)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from mmcl_edge.cli.common import DEFAULT_WORKSPACE, err, require_extra, user_errors
+from mmcl_edge.errors import RuntimeUserError
+
+@user_errors
+def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+          model_name: str = typer.Option("mmcl", help="The model's name in the protocol's URLs."),
+          provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
+          threads: int = typer.Option(0, help="Threads per onnxruntime session (0: library default)."),
+          poll: float = typer.Option(0.5, help="Seconds between looks at WS/current for a new pack."),
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: --replicas copies behind one route."),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack."),
+          replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
+          ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto' or "
+                                                                "ray://host:port); default: start Ray here.")):
+    """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
+    require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
+    import socket
+
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.server import create_app
+
+    url = f"http://{host}:{port}/v2/models/{model_name}"
+    if ray:
+        require_extra("scale", "ray")
+        from mmcl_edge.runtime import ray_serve
+
+        Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
+        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol); Ctrl-C stops",
+                  highlight=False)
+        ray_serve.run(str(workspace.expanduser().resolve()), host=host, port=port, model_name=model_name,
+                      replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
+                      replica_cpus=replica_cpus, address=ray_address, blocking=True)
+        return
+    rt = Runtime(workspace, providers=provider, threads=threads)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:  # a port in use is a user's problem: say so in one line
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeUserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    import uvicorn
+
+    rt.start_watcher(poll)
+    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
+              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
+    try:
+        uvicorn.run(create_app(rt, model_name), host=host, port=port, log_level="warning")
+    finally:
+        rt.stop()
+
