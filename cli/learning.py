@@ -29,6 +29,8 @@ def learn(
                                                      "(recorded in workspace.json)."),
     signing_key: Optional[Path] = typer.Option(None, help="Ed25519 private key (from 'mmcl-edge keys new') to sign "
                                                           "every pack with; remembered in workspace.json."),
+    max_forgetting: float = typer.Option(5.0, help="Stop when a task's pack would lose more than this many points "
+                                                   "on earlier tasks' held-out data (the forgetting gate of 'teach')."),
 ):
     """Learn tasks of a stream on the device: taps are extracted once, only adapters + head train."""
     require_extra("learn")
@@ -74,7 +76,7 @@ def learn(
                   f"(taps {rec['extract_seconds']:.1f}s{peak}); accuracy now "
                   + " ".join(_pct(v).strip() for v in row if v is not None))
 
-    report = ws.learn(task=task, force=force, progress=progress_bar, on_task=on_task)
+    report = ws.learn(task=task, force=force, progress=progress_bar, on_task=on_task, max_forgetting=max_forgetting)
     print_report(report)
     out.print(f"report: {ws.root / 'report.json'}")
 
@@ -125,8 +127,8 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
     with ws.lock("export"):
         index = read_index(ws.root / "backbones")
         if force or not index["modalities"] or verify_index(ws.root / "backbones"):
-            sc, src = ws.scenario(), ws.tap_source()
-            index = ensure_backbones(ws.root / "backbones", src.backbones, sc.specs, force=force, log=err.print)
+            index = ensure_backbones(ws.root / "backbones", ws.tap_source().backbones, ws.specs, force=force,
+                                     log=err.print)
         problems = verify_index(ws.root / "backbones")
         if problems:
             raise WorkspaceError("; ".join(problems))

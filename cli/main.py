@@ -8,12 +8,13 @@ from mmcl_edge.threads import apply_env_defaults
 
 apply_env_defaults()  # the thread policy's OpenMP wait policy, before any command imports torch (mmcl_edge/threads.py)
 
-from mmcl_edge.cli import bench, data, keys, learning, predicting, serving  # noqa: E402
+from mmcl_edge.cli import bench, data, keys, learning, predicting, serving, teaching  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
                        "mixture-of-experts adapters learned task by task, hot-swapped into a torch-free runtime.")
 # Top-level commands, then the groups: the order `mmcl-edge --help` lists them in.
+app.command()(teaching.teach)
 app.command()(learning.learn)
 app.command("eval")(learning.evaluate)
 app.command()(learning.export)
@@ -23,9 +24,6 @@ app.command()(predicting.info)
 app.add_typer(data.data_app, name="data")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(keys.keys_app, name="keys")
-
-
-from mmcl_edge.cli import teach as _teach  # noqa: E402,F401  (registers the command)
 
 
 def main() -> None:  # pragma: no cover

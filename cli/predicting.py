@@ -98,7 +98,8 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     meta = read_json(meta_path, "the workspace description")
     src = meta["source"]
     out.print(f"[bold]workspace[/] {root}")
-    out.print(f"data: {src.get('scenario') or src.get('data')}  head: {meta['config']['head']}")
+    data = "taught task by task" if src.get("taught") else (src.get("scenario") or src.get("data"))
+    out.print(f"data: {data}  head: {meta['config']['head']}")
     index_path = root / "backbones" / INDEX_FILE
     idx = json.loads(index_path.read_text())["modalities"] if index_path.is_file() else {}
     t = Table(title="Backbones")

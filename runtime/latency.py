@@ -69,6 +69,8 @@ def workspace_test_samples(root) -> tuple[dict | None, str]:
     from mmcl_edge.data import DataFormatError, load_scenario
 
     s = json.loads((Path(root) / "workspace.json").read_text())["source"]
+    if s.get("taught"):
+        return None, "a workspace taught task by task keeps no data set"
     try:
         sc = load_scenario(s.get("scenario"), data=s.get("data"), data_dir=s.get("data_dir"),
                            setting=s.get("setting") or "class-il", classes_per_task=s.get("classes_per_task") or 2,

@@ -7,12 +7,11 @@ from typing import Optional
 
 import typer
 
-from mmcl_edge.cli.main import DEFAULT_WORKSPACE, _pct, app, err, out, parse_overrides, require_extra, user_errors
+from mmcl_edge.cli.common import DEFAULT_WORKSPACE, _pct, err, out, parse_overrides, require_extra, user_errors
 
 REFUSED_EXIT = 3  # the gate refused the task: nothing changed, the previous pack serves
 
 
-@app.command()
 @user_errors
 def teach(
     folder: Optional[Path] = typer.Argument(None, help="The task: a generic-format folder (modalities.json with "
@@ -31,9 +30,7 @@ def teach(
 ):
     """Teach the device one task: new classes (names it has not seen), more samples of known classes, or both.
 
-    Labels are class names; the head grows for new ones. Before the new pack goes live it is tested on the
-    held-out data of earlier tasks: if it forgets too much it is refused (exit code 3), recorded in
-    report.json with the per-class changes, and the previous pack keeps serving.
+    Labels are class names; the head grows for new ones. Before the new pack goes live it is tested on the held-out data of earlier tasks: if it forgets too much it is refused (exit code 3), recorded in report.json with the per-class changes, and the previous pack keeps serving.
     """
     require_extra("learn")
     from mmcl_edge.cli.progress import progress_bar
