@@ -20,7 +20,18 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack."),
           replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
           ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto' or "
-                                                                "ray://host:port); default: start Ray here.")):
+                                                                "ray://host:port); default: start Ray here."),
+          teach: bool = typer.Option(False, "--teach", help="Add the teaching routes: POST .../samples (labelled "
+                                     "samples into a durable inbox), POST .../learn, GET .../learn/{id}."),
+          teach_token_file: Optional[Path] = typer.Option(None, help="With --teach: a file holding the bearer token "
+                                                                     "the teaching routes require (inference stays open)."),
+          teach_inbox_mb: int = typer.Option(512, min=1, help="With --teach: the inbox's size limit (MiB); "
+                                                              "a full inbox answers 409."),
+          teach_inbox_samples: int = typer.Option(20000, min=1, help="With --teach: the inbox's limit in samples."),
+          teach_max_forgetting: float = typer.Option(5.0, help="With --teach: the forgetting gate's limit "
+                                                               "(points), as 'teach --max-forgetting'."),
+          teach_holdout: Optional[float] = typer.Option(None, help="With --teach: keep this fraction of each "
+                                                                   "job's samples (per class) as held-out data.")):
     """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
     import socket
@@ -40,6 +51,17 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
                       replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
                       replica_cpus=replica_cpus, address=ray_address, blocking=True)
         return
+    settings = None
+    if teach:
+        require_extra("learn")  # the learner process trains the adapters
+        from mmcl_edge.runtime.teach_routes import TeachSettings, read_token
+
+        if teach_token_file is None:
+            raise RuntimeUserError("--teach needs --teach-token-file: only the holder of that token may teach the device")
+        settings = TeachSettings(read_token(teach_token_file), teach_inbox_mb << 20, teach_inbox_samples,
+                                 teach_max_forgetting, teach_holdout)
+    elif teach_token_file is not None:
+        raise RuntimeUserError("--teach-token-file goes with --teach")
     rt = Runtime(workspace, providers=provider, threads=threads)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:  # a port in use is a user's problem: say so in one line
@@ -53,7 +75,7 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
     err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
               f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
     try:
-        uvicorn.run(create_app(rt, model_name), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(rt, model_name, teach=settings), host=host, port=port, log_level="warning")
     finally:
         rt.stop()
 

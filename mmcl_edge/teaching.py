@@ -6,6 +6,7 @@ its modalities and their options taken from that task's folder.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,3 +41,65 @@ def teach_folder(root, folder, *, holdout: float | None = None, seed: int = 0, o
     ws = open_for_task(root, specs, task, dict(overrides or {}), str(folder))
     ws.log = log
     return ws, ws.learn_task(task, progress=progress, max_forgetting=max_forgetting, force=force)
+
+
+def learn_inbox(root, *, max_forgetting: float | None = DEFAULT_MAX_FORGETTING, holdout: float | None = None,
+                seed: int = 0) -> list[dict]:
+    """Learn every queued job of the service's inbox, oldest first, each as one task; a job ends
+    ``published``, ``refused`` (the gate; with its reason) or ``failed`` (with the error)."""
+    from mmcl_edge.data.generic import split_holdout
+    from mmcl_edge.errors import MMCLError
+    from mmcl_edge.runtime.inbox import Inbox
+    from mmcl_edge.workspace import task_from_samples
+
+    inbox = Inbox(root)
+    ws = Workspace.open(root)
+    done = []
+    while True:
+        queued = inbox.queued()
+        if not queued:
+            return done
+        job = queued[0]
+        inbox.set_state(job, "learning", started=time.time())
+        try:
+            samples, labels = inbox.read_job(job)
+            task = task_from_samples(samples, labels, None, ws.specs, {"inbox": job}, name=f"inbox {job}")
+            if holdout:
+                task.train, task.heldout = split_holdout(task.train, holdout, seed)
+            result = ws.learn_task(task, max_forgetting=max_forgetting)
+        except MMCLError as exc:
+            done.append(inbox.set_state(job, "failed", reason=str(exc)))
+            continue
+        except Exception as exc:  # the job must end in a state a client can read; the error is logged there
+            done.append(inbox.set_state(job, "failed", reason=f"{type(exc).__name__}: {exc}"))
+            continue
+        rec = result["record"]
+        extra = {"task": result["task"], "classes_added": rec["classes_added"], "gate": _gate_summary(result["gate"])}
+        if result["status"] == "published":
+            done.append(inbox.set_state(job, "published", pack=result["pack"], **extra))
+        else:
+            done.append(inbox.set_state(job, "refused", reason=result["reason"], **extra))
+
+
+def _gate_summary(gate: dict) -> dict:
+    return {k: gate[k] for k in ("measured_on", "accuracy_before", "accuracy_after", "drop_points") if k in gate}
+
+
+def main(argv=None) -> int:
+    """``python -m mmcl_edge.teaching --inbox WS``: the learner process ``serve --teach`` starts."""
+    import argparse
+
+    from mmcl_edge import threads
+
+    threads.apply_env_defaults()
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--inbox", required=True, help="the workspace whose inbox jobs to learn")
+    p.add_argument("--max-forgetting", type=float, default=DEFAULT_MAX_FORGETTING)
+    p.add_argument("--holdout", type=float, default=None)
+    args = p.parse_args(argv)
+    learn_inbox(args.inbox, max_forgetting=args.max_forgetting, holdout=args.holdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -298,8 +298,9 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(runtime: Runtime, model_name: str = "mmcl") -> FastAPI:
-    """A FastAPI app serving ``runtime`` as model ``model_name`` (the caller starts any watcher)."""
+def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None) -> FastAPI:
+    """A FastAPI app serving ``runtime`` as model ``model_name`` (the caller starts any watcher);
+    ``teach`` (``teach_routes.TeachSettings``) adds the token-guarded teaching routes."""
     app = FastAPI(title="mmcl-edge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(runtime)
     app.state.runtime, app.state.metrics, app.state.model_name = runtime, metrics, model_name
@@ -374,4 +375,12 @@ def create_app(runtime: Runtime, model_name: str = "mmcl") -> FastAPI:
     def prometheus():
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    if teach is not None:
+        from mmcl_edge.runtime.teach_routes import add_teach_routes
+
+        async def read_request(request: Request):
+            req, binary = _split_body(await request.body(), request.headers)
+            return req, decode_inputs(req, binary, runtime)
+
+        app.state.learner = add_teach_routes(app, runtime, runtime.root, teach, read_request, check_model, _error)
     return app

@@ -235,6 +235,14 @@ class Runtime:
             raise InputError(f"every modality needs the same, non-zero number of samples; got {sizes}")
         return batches, bool(single)
 
+    def validate(self, inputs: dict) -> dict[str, list[np.ndarray]]:
+        """The checks ``predict`` makes of a request, without predicting: ``{modality: [samples]}``
+        for the modalities given (what the service's inbox stores of a labelled request)."""
+        pack = self.pack
+        if pack is None:
+            raise InputError("no pack is serving yet")
+        return self._as_batch(inputs, pack)[0]
+
     def predict(self, inputs: dict) -> Prediction:
         """``{modality: sample or batch}`` -> labels, scores and per-stage timings (one pack).
 
