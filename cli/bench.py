@@ -200,6 +200,62 @@ def bench_encoders(
     out.print(f"results: {out_file}")
 
 
+@bench_app.command("teach")
+@user_errors
+def bench_teach(
+    scenario: str = typer.Option("utd-mhad-cil", help="A class-incremental built-in stream: utd-mhad-cil or avdigits-cil."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    shots: str = typer.Option("1,5,all", help="Training samples per new class, comma-separated ('all': every one)."),
+    epochs: Optional[int] = typer.Option(None, help="Adapter epochs per task (default: the configuration's)."),
+    serve: bool = typer.Option(True, help="Measure teach-to-serve on a real 'serve --teach' (with 5 shots)."),
+    work: Path = typer.Option(Path("mmcl-bench-teach"), help="Folder for the task folders and workspaces."),
+    out_file: Path = typer.Option(Path("bench-teach.json"), "--out", help="Where the JSON result goes."),
+    seed: int = typer.Option(0, help="Class order and the choice of the few samples."),
+):
+    """Tasks arriving as folders, taught one by one (as 'mmcl-edge teach' does): accuracy matrix, forgetting, the gate's decisions and two baselines (imprinting, ridge on frozen features) for 1, 5 and all samples per new class; novelty AUROC; teach-to-serve seconds on a live server.
+
+    JSON keys: runs.<shots>.{mmcl,imprinting,ridge}.{final_average_accuracy,average_incremental_accuracy,forgetting,accuracy_matrix}, runs.<shots>.gate, runs.all.novelty.{auroc,seen_flagged,unseen_flagged,threshold}, runs.5.teach_to_serve.{teach_to_serve_seconds,learn_seconds,quiet_p99_ms,learning_p99_ms,p99_ratio}.
+    """
+    require_extra("learn")
+    from mmcl_edge.bench.teach import run_teach_bench
+    from mmcl_edge.cli.progress import progress_bar
+    from mmcl_edge.errors import ConfigError
+
+    if data_dir is None and os.environ.get("MMCL_EDGE_DATA"):
+        data_dir = Path(os.environ["MMCL_EDGE_DATA"])
+    try:
+        counts = [None if k.strip() == "all" else int(k) for k in shots.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--shots takes numbers and 'all', comma-separated, not {shots!r}") from None
+    if not counts or any(k is not None and k < 1 for k in counts):
+        raise ConfigError("--shots needs at least one count of 1 or more (or 'all')")
+    if serve and 5 not in counts:
+        err.print("note: teach-to-serve is measured with 5 samples per class; add 5 to --shots to measure it")
+    result = run_teach_bench(scenario, str(data_dir) if data_dir else None, counts, work, epochs, seed, serve,
+                             say=lambda m: err.print(m, highlight=False), progress=progress_bar)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Teaching {scenario} task by task — final average accuracy (%), forgetting (points)")
+    for c in ("samples / new class", "mmcl", "imprinting", "ridge (frozen)", "mmcl forgetting", "gate"):
+        t.add_column(c, justify="right")
+    for label, run in result["runs"].items():
+        gate = ", ".join(f"{sum(g['status'] == s for g in run['gate'])} {s}" for s in ("published", "refused")
+                         if any(g["status"] == s for g in run["gate"]))
+        t.add_row(label, _pct(run["mmcl"]["final_average_accuracy"]), _pct(run["imprinting"]["final_average_accuracy"]),
+                  _pct(run["ridge"]["final_average_accuracy"]), _pct(run["mmcl"]["forgetting"]), gate)
+    out.print(t)
+    nov = (result["runs"].get("all") or {}).get("novelty")
+    if nov:
+        out.print(f"novelty after {nov['known_classes']} classes: AUROC {nov['auroc']:.3f}; flagged unknown: "
+                  f"{100 * nov['seen_flagged']:.1f}% of seen-class samples, {100 * nov['unseen_flagged']:.1f}% of unseen")
+    tts = (result["runs"].get("5") or {}).get("teach_to_serve")
+    if tts:
+        out.print(f"teach-to-serve: {tts['teach_to_serve_seconds']:.1f} s from POST learn to the first answer naming a new "
+                  f"class (learning {tts['learn_seconds']:.1f} s); serving p99 {tts['quiet_p99_ms']:.1f} ms quiet, "
+                  f"{tts['learning_p99_ms']:.1f} ms while learning ({tts['p99_ratio']:.2f}x)")
+    out.print(f"results: {out_file}")
+
+
 @bench_app.command("soak")
 @user_errors
 def bench_soak(

@@ -59,6 +59,9 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
         p.labels = [label for q in parts for label in q.labels]
         p.scores = np.concatenate([q.scores for q in parts])
         p.timings_ms = {k: sum(q.timings_ms[k] for q in parts) for k in p.timings_ms}
+        if p.novelty is not None:
+            p.novelty = np.concatenate([q.novelty for q in parts])
+            p.unknown = np.concatenate([q.unknown for q in parts])
     else:
         p = rt.predict(inputs)
     if as_json:
@@ -67,15 +70,18 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
 
         doc = {"labels": p.labels, "scores": [finite(float(v)) for v in p.scores], "pack_version": p.pack_version,
                "modalities": p.modalities,
+               "novelty": None if p.novelty is None else [finite(float(v)) for v in p.novelty],
+               "unknown": None if p.unknown is None else [bool(v) for v in p.unknown],
                "timings_ms": {k: finite(float(v)) for k, v in p.timings_ms.items()},
                "authenticated": rt.authenticated}
         print(json.dumps(doc, allow_nan=False))
         return
     t = Table(title=f"Predictions (pack v{p.pack_version:04d})")
-    for c in ("sample", "label", "score"):
+    for c in ("sample", "label", "score") + (("novelty", "unknown") if p.novelty is not None else ()):
         t.add_column(c, justify="right")
     for i, (label, score) in enumerate(zip(p.labels, p.scores)):
-        t.add_row(str(i), label, f"{score:.3f}")
+        extra = () if p.novelty is None else (f"{p.novelty[i]:.2f}", "yes: teach me" if p.unknown[i] else "no")
+        t.add_row(str(i), label, f"{score:.3f}", *extra)
     out.print(t)
     out.print("modalities used: " + ", ".join(p.modalities))
     out.print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items()))

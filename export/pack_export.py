@@ -131,6 +131,8 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
         "weights": {"stored": "float16", "compute": "float32", **sizes},
+        # answers whose novelty (1 - top probability) exceeds the threshold are "unknown"
+        **({"novelty": model.novelty.to_dict()} if model.novelty.samples else {}),
         **(extra or {}),
     }
     manifest["sha256"] = pack_digest(manifest)

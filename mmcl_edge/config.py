@@ -76,12 +76,20 @@ class BaselineConfig:
 
 
 @dataclass
+class NoveltyConfig:
+    """"I don't know this": every answer's distance to the learned classes (mmcl_edge/novelty.py)."""
+
+    false_alarm: float = 0.02     # share of training samples (each left out of the head) the threshold flags
+
+
+@dataclass
 class LearnConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
     head: str = "analytic"        # "linear": the paper's trained head; "analytic": streaming ridge head
     ridge: float = 1e-1           # analytic head: ridge strength relative to the mean feature energy
     drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift
@@ -128,6 +136,7 @@ RANGES = {  # key: (low, high, low inclusive); None = unbounded
     "baselines.ridge": (0.0, None, True), "ridge": (0.0, None, True), "fused_weight": (0.0, None, True),
     "baselines.ranpac_projection": (1, 1 << 16, True), "baselines.ranpac_ridge": (0.0, None, True),
     "train.modality_dropout": (0.0, 1.0, True),
+    "novelty.false_alarm": (0.0, 0.5, False),
 }
 NON_NEGATIVE_PREFIX = ("loss.",)  # loss weights: 0 switches a term off, negative is never meant
 

@@ -12,12 +12,13 @@ from mmcl_edge.backbones import TapSpec
 from mmcl_edge.config import EncoderConfig
 from mmcl_edge.encoder import EncoderOutput, MMEncoder
 from mmcl_edge.heads import FixedHead, GrowingHead
+from mmcl_edge.novelty import NoveltyThreshold
 
 
 class MMCLModel(nn.Module):
     def __init__(self, modality_taps: dict[str, tuple[TapSpec, ...]], cfg: EncoderConfig, setting: str,
                  n_classes: int = 0, head_blocks: list[int] | None = None, head_mode: str = "linear",
-                 ridge: float = 1e-2, fused_weight: float = 2.0):
+                 ridge: float = 1e-2, fused_weight: float = 2.0, novelty: dict | None = None):
         super().__init__()
         self.setting, self.head_mode, self.n_classes, self.ridge = setting, head_mode, n_classes, ridge
         # the fused embedding (LayerNorm'd, norm ~sqrt(width)) scaled to norm ~fused_weight, beside
@@ -32,6 +33,9 @@ class MMCLModel(nn.Module):
         if head_mode not in ("linear", "analytic"):
             raise ValueError(f"unknown head {head_mode!r}: use linear or analytic")
         self.analytic = StreamingRidgeHead(self.feature_dim(), n_classes, ridge) if head_mode == "analytic" else None
+        # the threshold above which an answer is "unknown" (mmcl_edge/novelty.py); calibrated per task
+        self.novelty = NoveltyThreshold(novelty.get("threshold", 0.0), novelty.get("calibration_samples", 0)) \
+            if novelty else NoveltyThreshold()
 
     def grow_classes(self, n_seen: int) -> None:
         """Make room for ``n_seen`` classes: the linear head grows a block, the ridge head's sums a
@@ -80,6 +84,7 @@ class MMCLModel(nn.Module):
             "n_classes": self.n_classes,
             "ridge": self.ridge,
             "fused_weight": self.fused_weight,
+            "novelty": self.novelty.to_dict(),
             "encoder": vars(self.encoder.cfg),
             "modality_taps": {m: [vars(t) for t in taps] for m, taps in self.encoder.modality_taps.items()},
             "head_blocks": self.head.block_sizes(),
@@ -93,7 +98,7 @@ class MMCLModel(nn.Module):
         # a description without tap_rank is from before 0.3, when taps were projected at full rank
         model = cls(taps, EncoderConfig(**{"tap_rank": 0, **d["encoder"]}), d["setting"], n_classes=d.get("n_classes", sum(blocks)),
                     head_blocks=blocks, head_mode=d.get("head_mode", "linear"), ridge=d.get("ridge", 1e-2),
-                    fused_weight=d.get("fused_weight", 2.0))
+                    fused_weight=d.get("fused_weight", 2.0), novelty=d.get("novelty"))
         return model
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

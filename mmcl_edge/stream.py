@@ -181,10 +181,16 @@ def missing_modality_accuracy(learner: Learner, heldouts: list[TaskData | None])
 
 def run_stream(scenario: Scenario, learner: Learner, source: TapSource, on_task: Callable | None = None) -> StreamResult:
     """Every task of a built-in stream, produced as the device receives tasks (``scenario_task``)."""
+    tasks = (scenario_task(scenario, t) for t in range(len(scenario.tasks)))
+    return run_tasks(tasks, learner, source, scenario_classes(scenario), on_task)
+
+
+def run_tasks(tasks, learner: Learner, source: TapSource, classes: list[str] | None = None,
+              on_task: Callable | None = None) -> StreamResult:
+    """Learn ``tasks`` (TaskInputs) in order with one learner, evaluating on every held-out set so far."""
     result = StreamResult()
-    classes = scenario_classes(scenario)
-    for t in range(len(scenario.tasks)):
-        task = scenario_task(scenario, t)
+    classes = list(classes or [])
+    for t, task in enumerate(tasks):
         classes = add_classes(classes, task)
         train, heldout, extract_s, extracted = task_taps(source, task, classes, f"task {t}")
         result.heldouts.append(heldout)

@@ -210,6 +210,11 @@ class Pack:
     def label_names(self) -> list[str]:
         return self.manifest["label_names"]
 
+    @property
+    def novelty_threshold(self) -> float | None:
+        """Answers whose novelty (1 - top probability) exceeds it are "unknown"; None: a pack before 0.4."""
+        return (self.manifest.get("novelty") or {}).get("threshold")
+
     def run(self, taps: dict[str, np.ndarray], present: np.ndarray | None = None,
             options=None) -> tuple[np.ndarray, np.ndarray]:
         """Logits and fused embedding; ``present`` ([B, M] in ``modalities`` order) defaults to all."""

@@ -48,7 +48,8 @@ from mmcl_edge.runtime.service import SAMPLE_NDIM, Runtime
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's header
 STAGES = ("preprocess", "backbone", "pack", "total")
-OUTPUTS = ("labels", "scores", "class_index", "probabilities", "pack_version", "timings_ms")
+OUTPUTS = ("labels", "scores", "class_index", "probabilities", "pack_version", "timings_ms", "novelty", "unknown")
+NOVELTY_OUTPUTS = ("novelty", "unknown")  # answered by packs that score novelty (since 0.4)
 # datatype -> numpy dtype (the protocol's fixed-size types); inputs must be FP32, see model metadata
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -88,7 +89,11 @@ def model_metadata(runtime: Runtime, model_name: str) -> dict:
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
                     {"name": "pack_version", "datatype": "INT64", "shape": [1]},
                     {"name": "timings_ms", "datatype": "FP32", "shape": [len(STAGES)],
-                     "parameters": {"stages": ",".join(STAGES)}}],
+                     "parameters": {"stages": ",".join(STAGES)}}]
+                   + ([{"name": "novelty", "datatype": "FP32", "shape": [-1],
+                        "parameters": {"threshold": pack.novelty_threshold}},
+                       {"name": "unknown", "datatype": "BOOL", "shape": [-1]}]
+                      if pack.novelty_threshold is not None else []),
         "parameters": {"pack_version": pack.version, "task": pack.manifest["task"], "labels": pack.label_names,
                        "image_inputs": "[B, H, W] or [B, H, W, C]"},
     }
@@ -238,8 +243,13 @@ def encode_response(pred, model_name: str, request_id, outputs: list[tuple[str, 
         "timings_ms": ("FP32", [len(STAGES)], np.asarray([pred.timings_ms.get(s, float("nan")) for s in STAGES],
                                                           dtype=np.float32)),
     }
+    if pred.novelty is not None:
+        values["novelty"] = ("FP32", [len(pred.labels)], np.asarray(pred.novelty, dtype=np.float32))
+        values["unknown"] = ("BOOL", [len(pred.labels)], np.asarray(pred.unknown, dtype=np.bool_))
     tensors, blobs = [], []
     for name, binary in outputs:
+        if name not in values:  # novelty of a pack that does not score it: nothing to answer
+            continue
         datatype, shape, data = values[name]
         t = {"name": name, "datatype": datatype, "shape": shape}
         if name == "timings_ms":

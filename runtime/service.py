@@ -41,6 +41,8 @@ class Prediction:
     pack_version: int              # the one pack that produced every number here
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, backbone, pack, total
     modalities: list[str] = field(default_factory=list)         # the modalities this answer used
+    novelty: np.ndarray | None = None  # [B] 1 - top probability: how unlike every learned class; None: old pack
+    unknown: np.ndarray | None = None  # [B] bool: novelty above the pack's threshold ("teach me this")
 
 
 @dataclass
@@ -276,9 +278,14 @@ class Runtime:
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
         idx = probs.argmax(axis=1)
-        return Prediction([pack.label_names[i] for i in idx], idx, probs[np.arange(len(idx)), idx], probs,
+        top = probs[np.arange(len(idx)), idx]
+        threshold = pack.novelty_threshold
+        novelty = None if threshold is None else (1.0 - top).astype(np.float32)
+        unknown = None if threshold is None else novelty > threshold
+        return Prediction([pack.label_names[i] for i in idx], idx, top, probs,
                           pack.version, {"preprocess": 1e3 * (t1 - t0), "backbone": 1e3 * (t2 - t1),
-                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}, list(pre))
+                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}, list(pre),
+                          novelty, unknown)
 
     def predict_taps(self, taps: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
         """Logits from precomputed taps (``<modality>__<tap>`` arrays) and the pack version used."""

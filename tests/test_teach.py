@@ -69,8 +69,9 @@ def test_teach_day1_day2_day3_names_new_classes_and_keeps_the_matrix(tmp_path, a
     np.savez(tmp_path / "x.npz", x_m0=test["x_m0"], x_m1=test["x_m1"])
     r = invoke("predict", "-w", ws, "-i", tmp_path / "x.npz", "--json")
     assert r.exit_code == 0, r.output
-    labels = json.loads(r.stdout)["labels"]
-    assert len(labels) == len(test["y"])
+    doc = json.loads(r.stdout)
+    labels = doc["labels"]
+    assert len(labels) == len(test["y"]) == len(doc["novelty"]) == len(doc["unknown"])
     assert np.mean([lbl == ["kick", "punch"][y] for lbl, y in zip(labels, test["y"])]) > 0.7
     # provenance: the pack says where its task came from
     manifest = json.loads((ws / "packs" / (ws / "current").read_text().strip() / "manifest.json").read_text())
@@ -148,3 +149,30 @@ def test_python_api_teaches_by_class_name(tmp_path, arrays):
     rt = Runtime(tmp_path / "ws")
     i = more[0]
     assert rt.predict({"m0": arrays["x_m0"][i], "m1": arrays["x_m1"][i]}).labels == ["sit"]
+
+
+def test_novelty_flags_classes_never_taught_and_few_familiar_ones(tmp_path, arrays):
+    """Every answer says how unfamiliar its sample is; classes never taught are mostly "unknown"."""
+    from mmcl_edge.bench.teach import auroc
+    from mmcl_edge.runtime import Runtime
+
+    ws = tmp_path / "ws"
+    assert invoke("teach", "-w", ws, day_folder(tmp_path / "d1", arrays, [0, 1, 2, 3], 0), "--epochs", 3).exit_code == 0
+    rt = Runtime(ws)
+    manifest = rt.pack.manifest["novelty"]
+    assert manifest["method"] == "max-softmax" and 0 < manifest["threshold"] < 1 and manifest["calibration_samples"] == 80
+    seen = np.flatnonzero((arrays["y"] < 4) & (arrays["domain"] == 0))[-80:]
+    unseen = np.flatnonzero(arrays["y"] >= 4)
+    ps = rt.predict({m: list(arrays[f"x_{m}"][seen]) for m in SPECS})
+    pu = rt.predict({m: list(arrays[f"x_{m}"][unseen]) for m in SPECS})
+    assert np.allclose(ps.novelty, 1 - ps.scores, atol=1e-6)
+    assert auroc(ps.novelty, pu.novelty) > 0.9
+    assert ps.unknown.mean() < 0.15 and pu.unknown.mean() > 0.6
+
+
+def test_auroc_counts_ties_as_half():
+    from mmcl_edge.bench.teach import auroc
+
+    assert auroc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 1.0
+    assert auroc(np.array([0.3, 0.4]), np.array([0.1, 0.2])) == 0.0
+    assert auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.5

@@ -15,6 +15,7 @@ from mmcl_edge.analytic import fit_drift_map
 from mmcl_edge.config import LearnConfig
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.model import MMCLModel
+from mmcl_edge.novelty import leave_one_out_novelty
 
 
 def to_torch(data: TaskData, idx=None) -> dict[str, list[torch.Tensor]]:
@@ -191,6 +192,8 @@ class AdapterLearner(Learner):
         for f, (_, weight) in zip(after, views):
             head.update(f, y, weight)
         head.solve()
+        n_seen = self.model.head.num_outputs
+        self.model.novelty.add(leave_one_out_novelty(head, after[0], y, n_seen), self.cfg.novelty.false_alarm)
 
     @torch.no_grad()
     def logits(self, data: TaskData) -> np.ndarray:

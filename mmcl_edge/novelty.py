@@ -1,0 +1,61 @@
+""""I don't know this": how unlike every learned class a sample is.
+
+The novelty of an answer is ``1 - p_max``, one minus the softmax probability of the class the
+streaming ridge head chose. It needs nothing beyond the pack (no extra weights, no extra graph
+output: the runtime computes it from the probabilities it already has). Compared on AV-Digits
+and UTD-MHAD with a Mahalanobis distance to class means built from the head's own sums (see
+benchmarks/README.md), it separated unseen from seen classes as well or better at no cost.
+
+The threshold is chosen on training data: the ``1 - false_alarm`` quantile of the training
+samples' novelty, each computed leave-one-out (the ridge head's exact leave-one-out prediction,
+``(f w - h y) / (1 - h)`` with ``h = f (G + lam I)^-1 f``), so a sample is not judged by a head
+that saw it. Each task sees only its own samples: the threshold is the sample-weighted mean of the
+tasks' quantiles.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_FALSE_ALARM = 0.02
+
+
+def novelty_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[B] 1 - max softmax probability (the runtime computes the same from its probabilities)."""
+    return 1.0 - torch.softmax(logits, dim=-1).max(dim=-1).values
+
+
+@torch.no_grad()
+def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Each training sample's novelty under the ridge head fitted without it (exact for ridge)."""
+    g = head.gram.double()
+    d = g.shape[0]
+    lam = head.ridge * torch.trace(g) / d
+    chol, info = torch.linalg.cholesky_ex(g + lam * torch.eye(d, dtype=g.dtype))
+    f = feats.double()
+    if int(info) != 0:
+        return novelty_from_logits(head(feats)[:, :n_classes])
+    solved = torch.cholesky_solve(f.T, chol)                  # (G + lam I)^-1 f^T, [D, N]
+    h = (f * solved.T).sum(-1).clamp(max=1 - 1e-6)             # leverage of each sample
+    fitted = f @ head.weight.double()[:, :n_classes]
+    onehot = torch.nn.functional.one_hot(y, n_classes).double()
+    loo = (fitted - h[:, None] * onehot) / (1 - h)[:, None]
+    return novelty_from_logits((loo * head.logit_scale).float())
+
+
+class NoveltyThreshold:
+    """The running threshold: a sample-weighted mean over tasks of each task's training quantile."""
+
+    def __init__(self, threshold: float = 0.0, samples: int = 0):
+        self.threshold, self.samples = float(threshold), int(samples)
+
+    def add(self, scores: torch.Tensor, false_alarm: float) -> float:
+        if not len(scores):
+            return self.threshold
+        q = float(torch.quantile(scores.double(), 1.0 - false_alarm))
+        total = self.samples + len(scores)
+        self.threshold = (self.threshold * self.samples + q * len(scores)) / total
+        self.samples = total
+        return self.threshold
+
+    def to_dict(self) -> dict:
+        return {"method": "max-softmax", "threshold": self.threshold, "calibration_samples": self.samples}
