@@ -211,6 +211,9 @@ def bench_teach(
     work: Path = typer.Option(Path("mmcl-bench-teach"), help="Folder for the task folders and workspaces."),
     out_file: Path = typer.Option(Path("bench-teach.json"), "--out", help="Where the JSON result goes."),
     seed: int = typer.Option(0, help="Class order and the choice of the few samples."),
+    new_subject: bool = typer.Option(True, help="UTD-MHAD: keep the first test subject out of the held-out data and "
+                                                "teach its samples of known classes last (--no-new-subject: the stream "
+                                                "exactly as 'learn --scenario' sees it, for comparing the two paths)."),
 ):
     """Tasks arriving as folders, taught one by one (as 'mmcl-edge teach' does): accuracy matrix, forgetting, the gate's decisions and two baselines (imprinting, ridge on frozen features) for 1, 5 and all samples per new class; novelty AUROC; teach-to-serve seconds on a live server.
 
@@ -232,7 +235,7 @@ def bench_teach(
     if serve and 5 not in counts:
         err.print("note: teach-to-serve is measured with 5 samples per class; add 5 to --shots to measure it")
     result = run_teach_bench(scenario, str(data_dir) if data_dir else None, counts, work, epochs, seed, serve,
-                             say=lambda m: err.print(m, highlight=False), progress=progress_bar)
+                             say=lambda m: err.print(m, highlight=False), progress=progress_bar, new_subject=new_subject)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"Teaching {scenario} task by task — final average accuracy (%), forgetting (points)")

@@ -263,15 +263,16 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
 
 
 def run_teach_bench(scenario: str, data_dir: str | None, shots: list[int | None], work: Path, epochs: int | None = None,
-                    seed: int = 0, serve: bool = True, say: Callable[[str], None] = print, progress=None) -> dict:
+                    seed: int = 0, serve: bool = True, say: Callable[[str], None] = print, progress=None,
+                    new_subject: bool = True) -> dict:
     sc = load_scenario(scenario, data_dir=data_dir, seed=seed)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"scenario": scenario, "seed": seed, "epochs": epochs, "runs": {}}
+    result = {"scenario": scenario, "seed": seed, "epochs": epochs, "new_subject_task": new_subject, "runs": {}}
     for k in shots:
         label = "all" if k is None else str(k)
         root = work / f"shots-{label}"
         shutil.rmtree(root, ignore_errors=True)
-        folders = task_folders(sc, root / "tasks", k, seed)
+        folders = task_folders(sc, root / "tasks", k, seed, new_subject)
         say(f"{scenario}, {label} sample(s) per new class: {len(folders)} task folders")
         copy = root / "ws-before-last"
         t = time.perf_counter()
