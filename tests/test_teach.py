@@ -176,3 +176,27 @@ def test_auroc_counts_ties_as_half():
     assert auroc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 1.0
     assert auroc(np.array([0.3, 0.4]), np.array([0.1, 0.2])) == 0.0
     assert auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.5
+
+
+def test_present_arrays_mark_absent_samples(tmp_path, arrays):
+    """A sample without a modality (present_<m> False) is taught with that modality absent: no taps
+    are extracted for it, and a sample with no modality at all is a plain error."""
+    from mmcl_edge.data.generic import read_task_folder
+
+    folder = day_folder(tmp_path / "d1", arrays, [0, 1, 2, 3], 0, per_class=20)
+    with np.load(folder / "train.npz") as z:
+        data = dict(z)
+    n = len(data["y"])
+    present = np.arange(n) % 2 == 0
+    data["x_m1"][~present] = np.nan          # an absent sample's values are never read
+    np.savez(folder / "train.npz", **data, present_m1=present)
+    specs, task = read_task_folder(folder)
+    assert task.train.presence("m1").sum() == n // 2 and task.train.presence("m0").all()
+    r = invoke("teach", "-w", tmp_path / "ws", folder, "--epochs", 3)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "ws" / "report.json").read_text())["tasks"][0]
+    test_n = 40
+    assert rec["samples_extracted"] == n + n // 2 + 2 * test_n      # m0: all, m1: the present half, held-out both
+    np.savez(folder / "train.npz", **data, present_m1=present, present_m0=present)  # even rows keep m1; odd rows: none
+    r = invoke("teach", "-w", tmp_path / "ws2", folder)
+    assert r.exit_code == 2 and "no modality present" in r.output
