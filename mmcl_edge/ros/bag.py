@@ -71,6 +71,12 @@ class Bag:
             return "mcap"
         return "rosbag2 " + ("mcap" if any(self.path.glob("*.mcap")) else "sqlite3")
 
+    def series_steps(self, sources: dict, seconds: float) -> dict[str, int]:
+        """Steps per timeseries window of ``seconds``: TOPICS.json's ``"steps"``, else
+        round(seconds x the topic's mean rate over the recording)."""
+        return {m: s.steps or max(2, int(round(seconds * self.topics[s.topic][1] / max(self.duration, 1e-9))))
+                for m, s in sources.items() if s.kind == "timeseries"}
+
     def close(self) -> None:
         self.reader.close()
 

@@ -95,12 +95,7 @@ def bag_to_task_folder(bag, topics_json, labels_csv, out_dir) -> Path:
         for r in rows:
             if r.start < 0 or r.end > b.duration + 1e-6:
                 raise DataFormatError(f"{r.where(labels_csv)} is outside the recording (0-{b.duration:.3f} s)")
-        longest = max(r.end - r.start for r in rows)
-        steps = {}
-        for m, s in sources.items():  # one length per modality: the topic's mean rate over the recording
-            if s.kind == "timeseries":
-                count = b.topics[s.topic][1]
-                steps[m] = s.steps or max(2, int(round(longest * count / max(b.duration, 1e-9))))
+        steps = b.series_steps(sources, max(r.end - r.start for r in rows))
         sw = SensorWindow(sources, steps=steps, origin_ns=b.start_ns)
         for r in rows:
             sw.schedule(r.start, r.end, key=r)

@@ -55,7 +55,8 @@ def replay(runtime, bag, topics_json, window: float, hop: float, out=None, laten
         b.check_topics([s.topic for s in sources.values()])
         if b.duration < window:
             raise DataFormatError(f"the bag {b.path} lasts {b.duration:.3f} s, less than one window ({window} s)")
-        sw = SensorWindow(sources, window=window, hop=hop, lateness=lateness, origin_ns=b.start_ns)
+        sw = SensorWindow(sources, window=window, hop=hop, steps=b.series_steps(sources, window), lateness=lateness,
+                          origin_ns=b.start_ns)
         wanted = {s.topic for s in sources.values()}
         if out is None:
             for topic, ns, msg in b.messages(sorted(wanted)):

@@ -9,7 +9,7 @@ Per window ``[start, end]`` (seconds from the origin) and modality:
 - timeseries: ``steps`` values per channel at the centres of equal cells spanning the window,
   linearly interpolated from the messages around them (gaps and jitter land on the grid);
   ``steps`` = TOPICS.json's ``"steps"``, else what the caller fixes, else round(window length x
-  the rate measured from the stamps);
+  the rate measured from the stamps) at the first window, then kept;
 - video: ``frames`` frames (TOPICS.json, default 16), at the centres of equal cells, each the
   nearest message inside the window;
 - image, vector, text: the message nearest the window's middle.
@@ -183,11 +183,13 @@ class SensorWindow:
             tr.drop_before(horizon)
 
     def _steps(self, m: str, tr: _Track, span: float) -> int:
+        """Fixed per modality: given, from TOPICS.json, else measured at the first window and kept
+        (every sample of a modality gets one shape)."""
         steps = self.steps.get(m) or tr.source.steps
-        if steps:
-            return int(steps)
-        rate = tr.rate()
-        return max(2, int(round(span * rate))) if rate else 2
+        if not steps:
+            rate = tr.rate()
+            steps = self.steps[m] = max(2, int(round(span * rate))) if rate else 2
+        return int(steps)
 
     def _cut(self, m: str, tr: _Track, start: float, end: float):
         times = tr.times
