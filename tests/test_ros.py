@@ -337,3 +337,29 @@ def test_a_window_no_topic_covers_names_its_row(tmp_path):
 def test_ros_package_imports_without_torch():
     code = "import sys, mmcl_edge.ros; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rclpy_shaped_messages_convert_like_rosbags_ones():
+    """rclpy's messages carry no __msgtype__ (the type is their module and class) and hold uint8[]
+    as array.array / bytes and float64[] as array.array; a stand-in built that way (rclpy cannot run here)."""
+    import array
+    import types
+
+    def rclpy_type(module, name, **fields):
+        cls = type(name, (), {"__module__": module})
+        obj = cls()
+        obj.__dict__.update(fields)
+        return obj
+
+    stamp = types.SimpleNamespace(sec=1_700_000_002, nanosec=500_000_000)
+    img = rclpy_type("sensor_msgs.msg._image", "Image", header=types.SimpleNamespace(stamp=stamp), height=2, width=2,
+                     encoding="16UC1", is_bigendian=0, step=4, data=array.array("B", [1, 0, 2, 0, 3, 0, 4, 1]))
+    joints = rclpy_type("sensor_msgs.msg._joint_state", "JointState", header=types.SimpleNamespace(stamp=stamp),
+                        position=array.array("d", [0.1, 0.2]))
+    sw = SensorWindow({"depth": {"topic": "/d", "kind": "image"}, "pose": {"topic": "/j", "kind": "vector"}},
+                      origin_ns=1_700_000_000 * 10**9)
+    sw.push("/d", 0, img)
+    sw.push("/j", 0, joints)
+    got = sw.sample(2.0, 3.0)                   # placed by their header stamp (2.5 s), not the receive time
+    np.testing.assert_array_equal(got["depth"], [[1, 2], [3, 260]])
+    np.testing.assert_allclose(got["pose"], [0.1, 0.2], rtol=1e-6)
