@@ -111,3 +111,82 @@ def test_taught_from_the_bag_and_replayed_into_a_new_bag(recording, taught, tmp_
     assert [doc for _, doc in got] == answers
     assert [ns for ns, _ in got] == [start_ns + int(round(a["end"] * 1e9)) for a in answers]   # stamped at the end
     assert not list(tmp_path.glob(".with_predictions.partial-*"))
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from mmcl_edge.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_bag_inspect(recording):
+    root, bag, _, _ = recording
+    r = cli("bag", "inspect", bag, "--json")
+    assert r.exit_code == 0, r.output
+    rows = {t["topic"]: t for t in json.loads(r.output)["topics"]}
+    assert rows["/watch/imu"]["type"] == "sensor_msgs/msg/Imu" and rows["/watch/imu"]["rate_hz"] == pytest.approx(50, rel=0.05)
+    assert rows["/kinect/skeleton"]["type"] == "std_msgs/msg/Float32MultiArray"
+    assert rows["/kinect/depth/image_raw"]["rate_hz"] == pytest.approx(15, rel=0.05)
+    table = cli("bag", "inspect", bag)
+    assert table.exit_code == 0 and "rate (Hz)" in table.output
+    folded = "".join(table.output.split())          # a narrow terminal folds long names onto more lines
+    assert "/watch/imu" in folded or "/watch/im" in folded, table.output
+
+
+def test_cli_predict_bag_json_lines_and_output_bag(recording, taught, tmp_path):
+    root, bag, _, _ = recording
+    ws, _, _ = taught
+    r = cli("predict", "-w", ws.root, "--bag", bag, "--topics", root / "topics.json", "--window", 3.0, "--hop", 2.0,
+            "--json", "--out", tmp_path / "pred", "--provider", "cpu")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) >= 10 and lines[0]["start"] == 0.0 and lines[0]["end"] == 3.0
+    assert all(set(x) >= {"start", "end", "label", "score", "modalities", "pack_version"} for x in lines)
+    with Bag(tmp_path / "pred") as b:
+        assert b.topics[PREDICTION_TOPIC][1] == len(lines)
+    table = cli("predict", "-w", ws.root, "--bag", bag, "--topics", root / "topics.json", "--window", 3.0,
+                "--hop", 5.0, "--provider", "cpu")
+    assert table.exit_code == 0 and "pack" in table.output and "v0000" in table.output, table.output
+
+
+@pytest.mark.parametrize("case", ["no topics", "missing topic", "wrong type", "unreadable", "out exists",
+                                  "unknown modality", "labels outside"])
+def test_cli_bad_bag_input_is_one_error_line(recording, taught, tmp_path, case):
+    root, bag, labels, _ = recording
+    ws, _, _ = taught
+    topics = dict(UTD_TOPICS)
+    args = ["predict", "-w", ws.root, "--bag", bag, "--topics", tmp_path / "t.json", "--provider", "cpu"]
+    if case == "no topics":
+        args = args[:5]
+    elif case == "missing topic":
+        topics["imu"] = {"topic": "/phone/imu", "kind": "timeseries"}
+    elif case == "wrong type":
+        topics["skeleton"] = {"topic": "/watch/imu", "kind": "video"}
+    elif case == "unreadable":
+        (tmp_path / "x.bag").write_bytes(b"#ROSBAG V2.0\n" + bytes(64))
+        args[4] = tmp_path / "x.bag"
+    elif case == "out exists":
+        (tmp_path / "o").mkdir()
+        args += ["--out", tmp_path / "o"]
+    elif case == "unknown modality":
+        topics["audio"] = {"topic": "/mic", "kind": "timeseries"}
+    (tmp_path / "t.json").write_text(json.dumps(topics))
+    if case == "labels outside":                  # the library path teach --bag runs
+        from mmcl_edge.errors import DataFormatError
+
+        (tmp_path / "l.csv").write_text("start,end,label\n1,2,wave\n500,503,wave\n")
+        with pytest.raises(DataFormatError, match="line 3 .* is outside the recording"):
+            bag_to_task_folder(bag, tmp_path / "t.json", tmp_path / "l.csv", ws.root.parent / "tmp-task")
+        assert not (ws.root.parent / "tmp-task").exists()
+        return
+    before = sorted(p.relative_to(ws.root) for p in ws.root.rglob("*"))
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.output
+    assert sorted(p.relative_to(ws.root) for p in ws.root.rglob("*")) == before
+    assert not list(tmp_path.glob(".*partial*"))

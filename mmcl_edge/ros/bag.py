@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from mmcl_edge.errors import DataFormatError, MMCLError
 
 
@@ -116,19 +118,20 @@ class Bag:
             yield conn.topic, ns, msg
 
     def inspect(self) -> dict:
-        """Topics, types, counts, rates (from receive times) and the time range: what TOPICS.json needs."""
-        first: dict[str, int] = {}
-        last: dict[str, int] = {}
+        """Topics, types, counts, rates and the time range: what TOPICS.json needs. The rate is one over
+        the median spacing of receive times (gaps and pauses do not lower it)."""
+        times: dict[str, list[int]] = {}
         for conn, ns, _ in self.raw():
-            first.setdefault(conn.topic, ns)
-            last[conn.topic] = ns
+            times.setdefault(conn.topic, []).append(ns)
         rows = []
         for name, (msgtype, count) in sorted(self.topics.items()):
-            span = (last.get(name, 0) - first.get(name, 0)) / 1e9
+            t = np.asarray(times.get(name, []), np.int64)
+            d = np.diff(t)
+            d = d[d > 0]
             rows.append({"topic": name, "type": msgtype, "count": count,
-                         "rate_hz": round((count - 1) / span, 3) if count > 1 and span > 0 else None,
-                         "start": round((first[name] - self.start_ns) / 1e9, 6) if name in first else None,
-                         "end": round((last[name] - self.start_ns) / 1e9, 6) if name in last else None})
+                         "rate_hz": round(1e9 / float(np.median(d)), 3) if len(d) else None,
+                         "start": round((t[0] - self.start_ns) / 1e9, 6) if len(t) else None,
+                         "end": round((t[-1] - self.start_ns) / 1e9, 6) if len(t) else None})
         return {"bag": str(self.path), "storage": self.storage, "start_ns": self.start_ns, "end_ns": self.end_ns,
                 "duration": round(self.duration, 6), "messages": sum(c for _, c in self.topics.values()),
                 "topics": rows}
