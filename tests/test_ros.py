@@ -363,3 +363,48 @@ def test_rclpy_shaped_messages_convert_like_rosbags_ones():
     got = sw.sample(2.0, 3.0)                   # placed by their header stamp (2.5 s), not the receive time
     np.testing.assert_array_equal(got["depth"], [[1, 2], [3, 260]])
     np.testing.assert_allclose(got["pose"], [0.1, 0.2], rtol=1e-6)
+
+
+# -- replay through a real runtime (a small workspace taught from a bag) -----------------------------
+
+SERIES_TOPICS = {"accel": {"topic": "/imu", "kind": "timeseries"}, "wind": {"topic": "/wind", "kind": "timeseries"}}
+
+
+@pytest.fixture(scope="module")
+def series_ws(bags, tmp_path_factory):
+    """Two timeseries modalities (the fixed random-convolution encoder: no CNN, seconds to teach)."""
+    from mmcl_edge.config import LearnConfig
+    from mmcl_edge.data.generic import read_task_folder
+    from mmcl_edge.workspace import Workspace
+
+    root, paths = bags
+    work = tmp_path_factory.mktemp("series")
+    (work / "topics.json").write_text(json.dumps(SERIES_TOPICS))
+    rows = [(s, s + 1.0, "rising" if (s // 1) % 2 else "falling", "test" if s > 9 else "train")
+            for s in np.arange(0.5, 11.0, 0.5)]
+    folder = bag_to_task_folder(paths["sqlite3"], work / "topics.json", write_labels(work / "l.csv", rows), work / "task")
+    specs, task = read_task_folder(folder)
+    ws = Workspace.create_taught(work / "ws", specs, task.train, LearnConfig().override({"train.epochs": 2}))
+    assert ws.learn_task(task)["status"] == "published"
+    return ws, work / "topics.json"
+
+
+@pytest.mark.parametrize("kind", ["sqlite3", "mcap", "ros1"])
+def test_replay_writes_every_input_message_and_one_prediction_per_window(bags, series_ws, tmp_path, kind):
+    from mmcl_edge.ros import PREDICTION_TOPIC, replay
+    from mmcl_edge.runtime import Runtime
+
+    root, paths = bags
+    ws, topics = series_ws
+    rt = Runtime(ws.root, providers="cpu")
+    answers = list(replay(rt, paths[kind], topics, window=2.0, hop=0.5, out=tmp_path / "out"))
+    assert [a["start"] for a in answers] == [0.5 * k for k in range(len(answers))] and len(answers) == 20
+    assert {tuple(a["modalities"]) for a in answers} == {("accel", "wind"), ("accel",)}   # /wind pauses 4-6 s
+    assert answers == list(replay(rt, paths[kind], topics, window=2.0, hop=0.5))          # same without --out
+    with Bag(paths[kind]) as src, Bag(tmp_path / "out") as dst:
+        assert dst.storage == "rosbag2 mcap"
+        assert {t: v for t, v in dst.topics.items() if t != PREDICTION_TOPIC} == src.topics
+        copied = [(t, ns, m.vector.x) for t, ns, m in dst.messages(["/wind"])]
+        assert copied == [(t, ns, m.vector.x) for t, ns, m in src.messages(["/wind"])]    # ROS 1 converted to CDR
+        docs = [json.loads(m.data) for _, _, m in dst.messages([PREDICTION_TOPIC])]
+    assert docs == answers

@@ -75,6 +75,14 @@ def _replay_into(runtime, b: Bag, sw: SensorWindow, wanted: set, out: Path) -> I
     ros2 = get_typestore(Stores.ROS2_HUMBLE)
     String = ros2.types["std_msgs/msg/String"]
     reader = b.reader
+    if not reader.is2:                  # ROS 1 messages become ROS 2 ones, as rosbags' own converter does it
+        from rosbags.convert.converter import migrate_bytes
+
+        ros2.register({k: v for k, v in reader.typestore.fielddefs.items() if k not in ros2.fielddefs})
+        cache: dict = {}
+
+        def to_cdr(raw, msgtype):
+            return migrate_bytes(reader.typestore, ros2, msgtype, msgtype, cache, raw, src_is2=False, dst_is2=True)
     with new_bag(out) as writer:
         by_topic = {}
         for c in reader.connections:
@@ -82,8 +90,9 @@ def _replay_into(runtime, b: Bag, sw: SensorWindow, wanted: set, out: Path) -> I
                 continue
             if reader.is2 and c.msgdef.format != MessageDefinitionFormat.NONE and c.digest:
                 by_topic[c.topic] = writer.add_connection(c.topic, c.msgtype, msgdef=c.msgdef.data, rihs01=c.digest)
-            else:                                     # ROS 1 (or no definitions): ROS 2 definitions from the types
-                by_topic[c.topic] = writer.add_connection(c.topic, c.msgtype, typestore=reader.typestore)
+            else:                                     # ROS 1, or no definitions: ROS 2 definitions from the types
+                by_topic[c.topic] = writer.add_connection(c.topic, c.msgtype, typestore=ros2 if not reader.is2
+                                                          else reader.typestore)
         pred = writer.add_connection(PREDICTION_TOPIC, "std_msgs/msg/String", typestore=ros2)
 
         def emit(windows):
@@ -94,7 +103,7 @@ def _replay_into(runtime, b: Bag, sw: SensorWindow, wanted: set, out: Path) -> I
                 yield doc
 
         for conn, ns, raw in b.raw():
-            cdr = raw if reader.is2 else reader.typestore.ros1_to_cdr(raw, conn.msgtype)
+            cdr = raw if reader.is2 else to_cdr(raw, conn.msgtype)
             writer.write(by_topic[conn.topic], ns, cdr)
             if conn.topic in wanted:
                 msg = reader.deserialize(raw, conn.msgtype)

@@ -85,9 +85,9 @@ class SensorWindow:
                  steps: dict[str, int] | None = None, lateness: float = 0.25, origin_ns: int | None = None):
         self.sources = topics if isinstance(topics, dict) and all(isinstance(v, TopicSource) for v in topics.values()) \
             else load_topics(topics)
-        if (window is None) != (hop is None) and hop is not None:
-            raise ValueError("hop needs a window")
-        if window is not None and not window > 0 or hop is not None and not hop > 0:
+        if hop is not None and window is None:
+            raise DataFormatError("a hop needs a window")
+        if (window is not None and not window > 0) or (hop is not None and not hop > 0):
             raise DataFormatError(f"window and hop must be positive seconds, not {window!r} and {hop!r}")
         self.window, self.hop, self.lateness = window, hop, float(lateness)
         self.steps = dict(steps or {})
@@ -111,10 +111,8 @@ class SensorWindow:
             raise TypeError("stamp is the receive time in integer nanoseconds")
         if self.origin_ns is None:
             self.origin_ns = int(stamp)
-        msgtype = None
+        msgtype = msgtype_of(message)
         for tr in tracks:
-            if msgtype is None:
-                msgtype = msgtype_of(message)
             convert = tr.converters.get(msgtype)
             if convert is None:
                 convert = tr.converters[msgtype] = converter(tr.source, msgtype)
