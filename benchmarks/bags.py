@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--skip-teach", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--keep", action="store_true", help="Keep the bags, folders and workspaces (printed).")
     args = ap.parse_args()
 
     from mmcl_edge.ros import Bag, bag_to_task_folder, replay
@@ -110,6 +112,10 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
