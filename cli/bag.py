@@ -1,26 +1,20 @@
-"""``mmcl-edge bag inspect`` and the bag side of ``predict --bag`` (robot recordings; the ros extra)."""
+"""The bag side of ``mmcl-edge bag inspect`` and ``predict --bag`` (robot recordings; the ros extra).
+
+The typer commands live in cli/main.py beside the helpers they share (user_errors, consoles);
+these functions do the work and print through the consoles they are given.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mmcl_edge.cli.main import err, out, require_extra, user_errors
 
-bag_app = typer.Typer(no_args_is_help=True,
-                      help="Robot recordings (ROS 2 bags: sqlite3 or MCAP; ROS 1 .bag): see what a bag holds. "
-                           "'teach --bag' learns from one, 'predict --bag' replays one through the runtime.")
-
-
-@bag_app.command("inspect")
-@user_errors
-def bag_inspect(bag: Path = typer.Argument(..., help="A rosbag2 folder, an .mcap file or a ROS 1 .bag."),
-                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+def print_inspect(bag: Path, as_json: bool, out: Console) -> None:
     """Topics, message types, counts, rates and time range: what TOPICS.json needs."""
-    require_extra("ros", "rosbags")
     from mmcl_edge.ros import Bag
 
     with Bag(bag) as b:
@@ -41,9 +35,8 @@ def bag_inspect(bag: Path = typer.Argument(..., help="A rosbag2 folder, an .mcap
 
 
 def predict_bag(rt, bag: Path, topics: Path | None, window: float, hop: float, out_bag: Path | None,
-                as_json: bool) -> None:
+                as_json: bool, out: Console, err: Console) -> None:
     """``predict --bag``: one answer per window, printed as they come (``--json``: one object per line)."""
-    require_extra("ros", "rosbags")
     from mmcl_edge.errors import DataFormatError
     from mmcl_edge.ros import replay
 
