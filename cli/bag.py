@@ -1,20 +1,30 @@
-"""The bag side of ``mmcl-edge bag inspect`` and ``predict --bag`` (robot recordings; the ros extra).
-
-The typer commands live in cli/main.py beside the helpers they share (user_errors, consoles);
-these functions do the work and print through the consoles they are given.
-"""
+"""``mmcl-edge bag inspect``, and the bag side of ``predict --bag`` and ``teach --bag`` (robot
+recordings: ROS 2 bags, sqlite3 or MCAP, and ROS 1 .bag files; the ros extra)."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
+import typer
 from rich.markup import escape
 from rich.table import Table
 
+from mmcl_edge.cli.common import err, out, require_extra, user_errors
 
-def print_inspect(bag: Path, as_json: bool, out: Console) -> None:
+bag_app = typer.Typer(no_args_is_help=True,
+                      help="Robot recordings (ROS 2 bags: sqlite3 or MCAP; ROS 1 .bag): see what a bag holds. "
+                           "'teach --bag' learns from one, 'predict --bag' replays one through the runtime.")
+
+
+@bag_app.command("inspect")
+@user_errors
+def bag_inspect(bag: Path = typer.Argument(..., help="A rosbag2 folder, an .mcap file or a ROS 1 .bag."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Topics, message types, counts, rates and time range: what TOPICS.json needs."""
+    require_extra("ros", "rosbags")
     from mmcl_edge.ros import Bag
 
     with Bag(bag) as b:
@@ -35,7 +45,7 @@ def print_inspect(bag: Path, as_json: bool, out: Console) -> None:
 
 
 def predict_bag(rt, bag: Path, topics: Path | None, window: float, hop: float, out_bag: Path | None,
-                as_json: bool, out: Console, err: Console) -> None:
+                as_json: bool) -> None:
     """``predict --bag``: one answer per window, printed as they come (``--json``: one object per line)."""
     from mmcl_edge.errors import DataFormatError
     from mmcl_edge.ros import replay
@@ -60,3 +70,24 @@ def predict_bag(rt, bag: Path, topics: Path | None, window: float, hop: float, o
         out.print(t if t.rows else "no window had a message on any topic")
     if out_bag is not None:
         err.print(f"wrote {out_bag} (the bag's topics plus /mmcl/prediction)")
+
+
+@contextmanager
+def bag_task_folder(workspace: Path, bag: Path, topics: Path | None, labels: Path | None):
+    """``teach --bag``: the labelled windows of ``bag`` as a task folder in a temporary directory beside
+    the workspace (never inside it), removed afterwards; yields (folder, origin)."""
+    require_extra("ros", "rosbags")
+    from mmcl_edge.errors import DataFormatError
+    from mmcl_edge.ros import bag_origin, bag_to_task_folder
+
+    if topics is None or labels is None:
+        raise DataFormatError("--bag needs --topics TOPICS.json and --labels LABELS.csv")
+    parent = workspace.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise DataFormatError(f"the folder {parent} for the workspace does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{workspace.name}.bag-", dir=parent))
+    try:
+        folder = bag_to_task_folder(bag, topics, labels, tmp / "task")
+        yield folder, {**bag_origin(bag, topics, labels), "folder": None}   # the folder was temporary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -42,16 +42,18 @@ def recording(utd_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def taught(recording, single_thread_module):
-    from mmcl_edge.config import LearnConfig
-    from mmcl_edge.data.generic import read_task_folder
+    """``mmcl-edge teach --bag``: the recording's labelled windows as the workspace's first task."""
+    from mmcl_edge.data.generic import read_task_folder  # noqa: F401  (the learner is installed)
     from mmcl_edge.workspace import Workspace
 
     root, bag, labels, _ = recording
-    folder = bag_to_task_folder(bag, root / "topics.json", labels, root / "task")
-    specs, task = read_task_folder(folder)
-    ws = Workspace.create_taught(root / "ws", specs, task.train, LearnConfig().override({"train.epochs": 3}))
-    result = ws.learn_task(task)
-    return ws, result, folder
+    r = cli("teach", "-w", root / "ws", "--bag", bag, "--topics", root / "topics.json", "--labels", labels,
+            "--epochs", 3, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert not list(root.glob(".ws.bag-*"))                      # the temporary task folder is gone
+    folder = bag_to_task_folder(bag, root / "topics.json", labels, root / "task")   # what teach learned from
+    return Workspace.open(root / "ws"), result, folder
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,9 @@ def test_the_folder_holds_the_recorded_samples(recording, taught):
     _, _, _, samples = recording
     _, _, folder = taught
     with np.load(folder / "train.npz") as z:
-        depth, imu, present = z["x_depth"], z["x_imu"], z["present_depth"]
+        depth, imu, names = z["x_depth"], z["x_imu"], z.files
     train = [s for s in samples if s[2] == "train"]
-    assert len(depth) == len(train) == 18 and present.all()
+    assert len(depth) == len(train) == 18 and not [n for n in names if n.startswith("present_")]   # all present
     np.testing.assert_array_equal(depth[0], train[0][0]["depth"])     # the 16 frames come back exactly
     # the IMU, recorded at 50 Hz over a 3-4 s action, comes back on the window's grid: same signal
     orig = train[0][0]["imu"]
@@ -84,7 +86,9 @@ def test_taught_from_the_bag_and_replayed_into_a_new_bag(recording, taught, tmp_
 
     root, bag, labels, _ = recording
     ws, result, _ = taught
-    assert result["status"] == "published"
+    assert result["status"] == "published" and result["class_names"] == ["bowling", "swipe_left", "wave"]
+    origin = ws.report()["tasks"][0]["origin"]
+    assert origin["bag"] == str(bag.resolve()) and set(origin["bag_sha256"]) == {"metadata.yaml", "session.mcap"}
     heldout_acc = result["row"][0]
     assert heldout_acc >= 0.6, result["row"]                     # 3 classes: chance is 0.33
     rt = Runtime(ws.root, providers="cpu")
@@ -175,18 +179,18 @@ def test_cli_bad_bag_input_is_one_error_line(recording, taught, tmp_path, case):
     elif case == "unknown modality":
         topics["audio"] = {"topic": "/mic", "kind": "timeseries"}
     (tmp_path / "t.json").write_text(json.dumps(topics))
-    if case == "labels outside":                  # the library path teach --bag runs
-        from mmcl_edge.errors import DataFormatError
-
+    if case == "labels outside":                  # teach --bag, into the taught workspace and into a new one
         (tmp_path / "l.csv").write_text("start,end,label\n1,2,wave\n500,503,wave\n")
-        with pytest.raises(DataFormatError, match="line 3 .* is outside the recording"):
-            bag_to_task_folder(bag, tmp_path / "t.json", tmp_path / "l.csv", ws.root.parent / "tmp-task")
-        assert not (ws.root.parent / "tmp-task").exists()
-        return
+        args = ["teach", "-w", ws.root, "--bag", bag, "--topics", tmp_path / "t.json", "--labels", tmp_path / "l.csv"]
     before = sorted(p.relative_to(ws.root) for p in ws.root.rglob("*"))
     r = cli(*args)
     assert r.exit_code == 2, r.output
     lines = [x for x in r.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.output
     assert sorted(p.relative_to(ws.root) for p in ws.root.rglob("*")) == before
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob(".*partial*")) and not list(ws.root.parent.glob(".ws.bag-*"))
+    if case == "labels outside":
+        args[2] = tmp_path / "new_ws"
+        r = cli(*args)
+        assert r.exit_code == 2 and "line 3 (500-503 s, 'wave') is outside the recording" in r.output, r.output
+        assert not (tmp_path / "new_ws").exists() and not list(tmp_path.glob(".new_ws.bag-*"))

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcl_edge.data.dataset import MultiModalDataset
+from mmcl_edge.data.generic import write_task_folder
 from mmcl_edge.errors import DataFormatError
+from mmcl_edge.preprocess import PreprocessSpec
 from mmcl_edge.ros.bag import Bag, bag_sha256
 from mmcl_edge.ros.topics import load_topics
 from mmcl_edge.ros.window import SensorWindow
@@ -128,28 +131,20 @@ def bag_to_task_folder(bag, topics_json, labels_csv, out_dir) -> Path:
                                   f"{sorted(shapes[m])}: its images change size")
         shapes[m] = shapes[m].pop()
         dtypes[m] = np.result_type(*{np.asarray(v).dtype for v in present})
-    arrays = {}
+    splits = {}
     for split in SPLITS:
         picked = [r for r in rows if r.split == split]
-        if not picked:
-            continue
-        arr = {"y": np.array([class_names.index(r.label) for r in picked], np.int64)}
-        for m in sources:
-            x = np.zeros((len(picked),) + shapes[m], dtypes[m])
-            present = np.zeros(len(picked), bool)
-            for i, r in enumerate(picked):
-                if m in cut[r]:
-                    x[i], present[i] = cut[r][m], True
-            arr[f"x_{m}"], arr[f"present_{m}"] = x, present
-        arrays[split] = arr
-    spec = {m: {"kind": s.kind, **s.preprocess} for m, s in sources.items()}
-    origin.update({"rows": {s: int(len(a["y"])) for s, a in arrays.items()},
+        if picked:                    # absent: a zero placeholder of the modality's shape, marked absent
+            splits[split] = MultiModalDataset(
+                {m: [np.asarray(cut[r].get(m, np.zeros(shapes[m], dtypes[m])), dtypes[m]) for r in picked]
+                 for m in sources},
+                np.array([class_names.index(r.label) for r in picked], np.int64), None,
+                {m: np.array([m in cut[r] for r in picked]) for m in sources})
+    specs = {m: PreprocessSpec(kind=s.kind, **s.preprocess) for m, s in sources.items()}
+    origin.update({"rows": {s: len(d) for s, d in splits.items()},
                    "steps": steps, "rates_hz": {m: r and round(r, 3) for m, r in sw.rates().items()},
                    "windows": "timeseries: steps per window (TOPICS.json \"steps\", else round(longest window x "
                               "mean rate)); video: frames; image/vector: the message nearest the middle"})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, arr in arrays.items():
-        np.savez(out_dir / f"{split}.npz", **arr)
-    (out_dir / "modalities.json").write_text(json.dumps({**spec, "class_names": class_names}, indent=1))
+    write_task_folder(out_dir, specs, splits["train"], class_names, splits.get("test"))
     (out_dir / "origin.json").write_text(json.dumps(origin, indent=1))
     return out_dir
