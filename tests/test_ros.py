@@ -408,3 +408,11 @@ def test_replay_writes_every_input_message_and_one_prediction_per_window(bags, s
         assert copied == [(t, ns, m.vector.x) for t, ns, m in src.messages(["/wind"])]    # ROS 1 converted to CDR
         docs = [json.loads(m.data) for _, _, m in dst.messages([PREDICTION_TOPIC])]
     assert docs == answers
+
+
+def test_a_vector_is_one_flat_message_nearest_the_middle():
+    sw = SensorWindow({"pose": {"topic": "/pose", "kind": "vector"}}, origin_ns=0)
+    for k in range(10):
+        sw.push("/pose", k * 100_000_000, MK.float32_multiarray(np.full(6, k), [2, 3]))   # no header: receive time
+    v = sw.sample(0.25, 0.55)                       # middle 0.4 s: the message received at 0.4 s
+    assert v["pose"].shape == (6,) and (v["pose"] == 4).all()

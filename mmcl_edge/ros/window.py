@@ -222,4 +222,5 @@ class SensorWindow:
                 raise DataFormatError(f"topic {tr.source.topic}: images of different sizes between "
                                       f"{start:.3f} and {end:.3f} s")
             return np.stack(frames)
-        return tr.values[i0 + int(np.abs(t - (start + end) / 2).argmin())]
+        value = tr.values[i0 + int(np.abs(t - (start + end) / 2).argmin())]
+        return np.asarray(value, np.float32).reshape(-1) if kind == "vector" else value
