@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,3 +417,25 @@ def test_a_vector_is_one_flat_message_nearest_the_middle():
         sw.push("/pose", k * 100_000_000, MK.float32_multiarray(np.full(6, k), [2, 3]))   # no header: receive time
     v = sw.sample(0.25, 0.55)                       # middle 0.4 s: the message received at 0.4 s
     assert v["pose"].shape == (6,) and (v["pose"] == 4).all()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["predict", "-w", "WS"], "give -i INPUT or --bag BAG"),
+    (["predict", "-w", "WS", "-i", "x.npz", "--bag", "BAG"], "give -i INPUT or --bag BAG"),
+    (["predict", "-w", "WS", "-i", "x.npz", "--out", "OUT"], "--out writes a bag: it goes with --bag"),
+    (["teach", "-w", "WS"], "teach needs a task folder .* or a recording"),
+    (["teach", "-w", "WS", "--bag", "BAG"], "--bag needs --topics TOPICS.json and --labels LABELS.csv"),
+    (["teach", "-w", "WS", "--bag", "BAG", "--topics", "T", "--labels", "L"], "cannot read .*t.json: No such file"),
+])
+def test_cli_bag_options_are_checked_before_any_work(bags, tmp_path, args, match):
+    from typer.testing import CliRunner
+
+    from mmcl_edge.cli.main import app
+
+    root, paths = bags
+    subst = {"WS": tmp_path / "ws", "BAG": paths["mcap"], "T": tmp_path / "t.json", "L": tmp_path / "l.csv"}
+    r = CliRunner().invoke(app, [str(subst.get(a, a)) for a in args])
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert re.search(match, lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # no workspace, no temporary folder
