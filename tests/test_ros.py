@@ -439,3 +439,24 @@ def test_cli_bag_options_are_checked_before_any_work(bags, tmp_path, args, match
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
     assert re.search(match, lines[0]), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []          # no workspace, no temporary folder
+
+
+def test_header_stamps_on_another_clock_say_what_to_do(tmp_path):
+    """A sensor stamping with its time since boot: its messages fall outside every labelled window
+    until TOPICS.json says "time": "receive"."""
+    mk = Messages()
+    s = Stream("/imu", "sensor_msgs/msg/Imu")
+    for k in range(300):
+        recv = ORIGIN_NS + k * 10_000_000
+        s.messages.append((recv, mk.imu(42_000_000_000 + k * 10_000_000, [k, 0, 0], [0, 0, 0])))
+    bag = write_bag(tmp_path / "boot", [s], "sqlite3")
+    labels = write_labels(tmp_path / "l.csv", [(0.5, 1.5, "a", "train")])
+    topics = {"accel": {"topic": "/imu", "kind": "timeseries"}}
+    (tmp_path / "t.json").write_text(json.dumps(topics))
+    with pytest.raises(DataFormatError, match="no topic has a message in this window.*\"time\": \"receive\""):
+        bag_to_task_folder(bag, tmp_path / "t.json", labels, tmp_path / "task")
+    topics["accel"]["time"] = "receive"
+    (tmp_path / "t.json").write_text(json.dumps(topics))
+    out = bag_to_task_folder(bag, tmp_path / "t.json", labels, tmp_path / "task")
+    with np.load(out / "train.npz") as z:
+        assert z["x_accel"][0, :, 0].min() >= 49 and z["x_accel"][0, :, 0].max() <= 151

@@ -26,6 +26,8 @@ from mmcl_edge.ros.topics import load_topics
 from mmcl_edge.ros.window import SensorWindow
 
 SPLITS = ("train", "test")
+CLOCK_HINT = ("; if a sensor stamps its headers with its own clock, not the recording's, give it "
+              "\"time\": \"receive\" in TOPICS.json")
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def bag_to_task_folder(bag, topics_json, labels_csv, out_dir) -> Path:
     for r in rows:
         if not cut[r]:
             raise DataFormatError(f"{r.where(labels_csv)}: no topic has a message in this window "
-                                  f"({', '.join(s.topic for s in sources.values())})")
+                                  f"({', '.join(s.topic for s in sources.values())}){CLOCK_HINT}")
     class_names = sorted({r.label for r in rows if r.split == "train"})
     if not class_names:
         raise DataFormatError(f"{labels_csv} has no train rows: a task needs some")
@@ -124,7 +126,7 @@ def bag_to_task_folder(bag, topics_json, labels_csv, out_dir) -> Path:
     for m in sources:
         present = [cut[r][m] for r in rows if m in cut[r]]
         if not present:
-            raise DataFormatError(f"topic {sources[m].topic} ({m}) has no message in any labelled window")
+            raise DataFormatError(f"topic {sources[m].topic} ({m}) has no message in any labelled window{CLOCK_HINT}")
         shapes[m] = {np.shape(v) for v in present}
         if len(shapes[m]) > 1:
             raise DataFormatError(f"topic {sources[m].topic} ({m}) gives windows of different shapes "
