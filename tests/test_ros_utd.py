@@ -43,7 +43,6 @@ def recording(utd_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def taught(recording, single_thread_module):
     """``mmcl-edge teach --bag``: the recording's labelled windows as the workspace's first task."""
-    from mmcl_edge.data.generic import read_task_folder  # noqa: F401  (the learner is installed)
     from mmcl_edge.workspace import Workspace
 
     root, bag, labels, _ = recording

@@ -20,7 +20,7 @@ from mmcl_edge.errors import DataFormatError, MMCLError
 
 def _rosbags():
     try:
-        from rosbags.highlevel import AnyReader  # noqa: F401
+        import rosbags.highlevel  # noqa: F401  (only: is the ros extra installed?)
     except ImportError:
         raise DataFormatError("reading bags needs the ros extra: pip install 'mmcl-edge[ros]'") from None
 
