@@ -4,6 +4,7 @@ DataFormatError naming the bag."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sqlite3
@@ -19,10 +20,8 @@ from mmcl_edge.errors import DataFormatError, MMCLError
 
 
 def _rosbags():
-    try:
-        import rosbags.highlevel  # noqa: F401  (only: is the ros extra installed?)
-    except ImportError:
-        raise DataFormatError("reading bags needs the ros extra: pip install 'mmcl-edge[ros]'") from None
+    if importlib.util.find_spec("rosbags") is None:
+        raise DataFormatError("reading bags needs the ros extra: pip install 'mmcl-edge[ros]'")
 
 
 def _bag_errors() -> tuple[type[BaseException], ...]:
