@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The base install is torch-free: a fresh venv with only the base + cpu + serve extras runs
-# 'mmcl-edge info', 'predict', 'bench latency' and a 'serve' round-trip over a workspace that the
+# The base install is torch-free: a fresh venv with only the base + cpu + serve + ros extras runs
+# 'mmcl-edge info', 'predict', 'bag inspect', 'predict --bag', 'bench latency' and a 'serve' round-trip over a workspace that the
 # learner (the current environment, installed from requirements-ci.txt) made.
 #   bash .ci/torch_free_check.sh            (PYTHON=... to pick the learner's interpreter)
 set -euo pipefail
@@ -28,11 +28,31 @@ x = {m: np.stack(sc.test.samples[m][:5]).astype(np.float32) for m in sc.specs}
 np.savez(f"{work}/inputs.npz", **{f"x_{m}": v for m, v in x.items()})
 json.dump(Runtime(f"{work}/ws").predict(x).labels, open(f"{work}/expected.json", "w"))
 PY
+"$PY" - "$WORK" "$REPO" <<'PY'
+# a robot's recording of the two sensors (Float32MultiArray at 10 Hz) and what replaying it answers here
+import json, sys
+import numpy as np
+work, repo = sys.argv[1], sys.argv[2]
+sys.path.insert(0, f"{repo}/tests")
+from bagkit import ORIGIN_NS, Messages, Stream, write_bag
+from mmcl_edge.data import load_scenario
+from mmcl_edge.ros import replay
+from mmcl_edge.runtime import Runtime
+sc, mk = load_scenario("synthetic-cil"), Messages()
+streams = [Stream(f"/{m}", "std_msgs/msg/Float32MultiArray") for m in sc.specs]
+for k in range(60):
+    for s, m in zip(streams, sc.specs):
+        s.messages.append((ORIGIN_NS + k * 100_000_000, mk.float32_multiarray(sc.test.samples[m][k // 10])))
+write_bag(f"{work}/rec", streams, "mcap")
+json.dump({m: {"topic": f"/{m}", "kind": "vector"} for m in sc.specs}, open(f"{work}/topics.json", "w"))
+json.dump([a["label"] for a in replay(Runtime(f"{work}/ws"), f"{work}/rec", f"{work}/topics.json", 1.0, 1.0)],
+          open(f"{work}/expected_bag.json", "w"))
+PY
 
-step "a fresh venv with the base + cpu + serve extras only"
+step "a fresh venv with the base + cpu + serve + ros extras only"
 "$PY" -m venv "$WORK/venv"
 DPY="$WORK/venv/bin/python"
-"$DPY" -m pip install -q --disable-pip-version-check "$REPO[cpu,serve]"
+"$DPY" -m pip install -q --disable-pip-version-check "$REPO[cpu,serve,ros]"
 if "$DPY" -c "import torch" 2>/dev/null; then echo "torch is importable in the device venv" >&2; exit 1; fi
 DEV="$WORK/venv/bin/mmcl-edge"
 
@@ -44,6 +64,23 @@ step "mmcl-edge predict"
 "$DEV" predict -w "$WORK/ws" -i "$WORK/inputs.npz" --json > "$WORK/pred.json"
 "$DPY" -c "import json,sys; a=json.load(open(sys.argv[1]))['labels']; b=json.load(open(sys.argv[2])); assert a==b,(a,b)" \
   "$WORK/pred.json" "$WORK/expected.json"
+
+step "mmcl-edge bag inspect, predict --bag --out"
+"$DEV" bag inspect "$WORK/rec" --json > "$WORK/inspect.json" 2>&1 || { cat "$WORK/inspect.json"; exit 1; }
+grep -q '"std_msgs/msg/Float32MultiArray"' "$WORK/inspect.json" || { cat "$WORK/inspect.json"; exit 1; }
+"$DEV" predict -w "$WORK/ws" --bag "$WORK/rec" --topics "$WORK/topics.json" --window 1.0 --hop 1.0 --json \
+  --out "$WORK/rec_pred" > "$WORK/pred_bag.jsonl" 2> "$WORK/pred_bag.err" || { cat "$WORK/pred_bag.err"; exit 1; }
+"$DPY" - "$WORK" <<'PY'
+import json, sys
+from mmcl_edge.ros import Bag
+work = sys.argv[1]
+got = [json.loads(line)["label"] for line in open(f"{work}/pred_bag.jsonl")]
+assert got == json.load(open(f"{work}/expected_bag.json")) and len(got) == 5, got
+with Bag(f"{work}/rec_pred") as b:
+    assert b.topics["/mmcl/prediction"] == ("std_msgs/msg/String", 5), b.topics
+assert "torch" not in sys.modules
+print("  replayed", len(got), "windows:", got)
+PY
 
 step "mmcl-edge bench latency (no PyTorch-eager comparison here)"
 "$DEV" bench latency -w "$WORK/ws" --batch 1 --repeats 5 --out "$WORK/lat.json" > "$WORK/lat.txt" 2> "$WORK/lat.err" \

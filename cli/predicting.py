@@ -7,12 +7,12 @@ from typing import Optional
 
 import typer
 from rich.table import Table
-from mmcl_edge.cli.common import DEFAULT_WORKSPACE, out, user_errors
+from mmcl_edge.cli.common import DEFAULT_WORKSPACE, out, require_extra, user_errors
 from mmcl_edge.errors import WorkspaceError
 
 @user_errors
 def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
-            input_: list[str] = typer.Option(..., "--input", "-i",
+            input_: list[str] = typer.Option([], "--input", "-i",
                                              help="A .npz in the generic format (x_<modality> arrays), or "
                                                   "MODALITY=FILE per modality (.wav, .png/.jpg, .npy, .csv)."),
             provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
@@ -20,10 +20,18 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
             trusted_key: list[Path] = typer.Option([], "--trusted-key",
                                                    help="Ed25519 public key; serve only packs it signed (repeatable)."),
             allow_downgrade: bool = typer.Option(False, help="With --trusted-key: allow a pack older than the serving one."),
-            samples: Optional[str] = typer.Option(None, help="With a .npz: which samples, e.g. 0 or 0:10 (default: all).")):
+            samples: Optional[str] = typer.Option(None, help="With a .npz: which samples, e.g. 0 or 0:10 (default: all)."),
+            bag: Optional[Path] = typer.Option(None, help="Replay a robot's recording (rosbag2 folder, .mcap, ROS 1 "
+                                                          ".bag) instead of -i: one answer per window."),
+            topics: Optional[Path] = typer.Option(None, help="With --bag: TOPICS.json, which topic feeds which modality."),
+            window: float = typer.Option(2.0, help="With --bag: window length in seconds."),
+            hop: float = typer.Option(0.5, help="With --bag: seconds from one window's start to the next."),
+            out_bag: Optional[Path] = typer.Option(None, "--out", help="With --bag: write a new bag (rosbag2, MCAP) "
+                                                   "holding the input topics plus /mmcl/prediction.")):
     """Predict with the torch-free runtime from the workspace's current pack.
 
     A modality may be left out (a sensor that dropped out): the answer says which modalities it used.
+    With --bag, a window slides over a robot's recording and each window is answered.
     """
     import numpy as np
 
@@ -31,7 +39,17 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
     from mmcl_edge.runtime.errors import InputError
     from mmcl_edge.runtime.inputs import read_npz, read_sample
 
+    if bool(bag) == bool(input_):
+        raise InputError("give -i INPUT or --bag BAG (one of them)")
+    if out_bag is not None and bag is None:
+        raise InputError("--out writes a bag: it goes with --bag")
+    if bag is not None:
+        require_extra("ros", "rosbags")
     rt = Runtime(workspace, providers=provider, trusted_keys=list(trusted_key) or None, allow_downgrade=allow_downgrade)
+    if bag is not None:
+        from mmcl_edge.cli.bag import predict_bag
+
+        return predict_bag(rt, bag, topics, window, hop, out_bag, as_json)
     mods = rt.backbones.modalities
     if len(input_) == 1 and input_[0].lower().endswith(".npz") and "=" not in input_[0]:
         inputs = read_npz(Path(input_[0]), mods)

@@ -27,6 +27,11 @@ def teach(
     epochs: Optional[int] = typer.Option(None, help="Adapter training epochs for this task (and later ones)."),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value (recorded in workspace.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
+    bag: Optional[Path] = typer.Option(None, help="Teach from a robot's recording instead of a folder: a rosbag2 "
+                                                  "folder (sqlite3 or MCAP), an .mcap file or a ROS 1 .bag."),
+    topics: Optional[Path] = typer.Option(None, help="With --bag: TOPICS.json, which topic feeds which modality."),
+    labels: Optional[Path] = typer.Option(None, help="With --bag: LABELS.csv, rows start,end,label[,split] in "
+                                                     "seconds from the bag's first message."),
 ):
     """Teach the device one task: new classes (names it has not seen), more samples of known classes, or both.
 
@@ -37,14 +42,25 @@ def teach(
     from mmcl_edge.errors import ConfigError
     from mmcl_edge.teaching import teach_folder
 
-    if folder is None:
-        raise ConfigError("teach needs a task folder (mmcl-edge teach -w WS DIR)")
+    if (folder is None) == (bag is None):
+        raise ConfigError("teach needs a task folder (mmcl-edge teach -w WS DIR) or a recording "
+                          "(mmcl-edge teach -w WS --bag BAG --topics TOPICS.json --labels LABELS.csv), one of them")
     overrides = parse_overrides(set_)
     if epochs is not None:
         overrides["train.epochs"] = epochs
-    ws, result = teach_folder(workspace, folder, holdout=holdout, seed=seed, overrides=overrides,
-                              max_forgetting=max_forgetting, force=force, progress=progress_bar,
-                              log=lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False))
+
+    def run(task_folder: Path, origin: dict | None):
+        return teach_folder(workspace, task_folder, holdout=holdout, seed=seed, overrides=overrides,
+                            max_forgetting=max_forgetting, force=force, progress=progress_bar, origin=origin,
+                            log=lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False))
+
+    if bag is None:
+        ws, result = run(folder, None)
+    else:
+        from mmcl_edge.cli.bag import bag_task_folder
+
+        with bag_task_folder(workspace, bag, topics, labels) as (task_folder, origin):
+            ws, result = run(task_folder, origin)
     print_outcome(ws, result, as_json)
     if result["status"] == "refused":
         raise typer.Exit(REFUSED_EXIT)

@@ -297,7 +297,7 @@ def write_task_folder(folder, specs: dict[str, PreprocessSpec], train: MultiModa
         for m in specs:
             mask = ds.presence(m)
             ref = next((np.asarray(x) for x, p in zip(ds.samples[m], mask) if p), None)
-            rows = [np.asarray(x) if p else np.zeros_like(ref) for x, p in zip(ds.samples[m], mask)]
+            rows = [np.asarray(x) if p or ref is None else np.zeros_like(ref) for x, p in zip(ds.samples[m], mask)]
             arrays[f"x_{m}"] = np.stack(rows)
             if not mask.all():
                 arrays[f"present_{m}"] = mask
