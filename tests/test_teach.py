@@ -200,3 +200,31 @@ def test_present_arrays_mark_absent_samples(tmp_path, arrays):
     np.savez(folder / "train.npz", **data, present_m1=present, present_m0=present)  # even rows keep m1; odd rows: none
     r = invoke("teach", "-w", tmp_path / "ws2", folder)
     assert r.exit_code == 2 and "no modality present" in r.output
+
+
+def test_a_workspace_from_before_the_task_log_stays_readable(tmp_path):
+    """0.3 workspaces had no modalities in workspace.json, no held-out files and states that list
+    the scenario's label indices: eval, predict and learning the next task still work."""
+    from conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", "synthetic-cil", epochs=2, learn=False)
+    ws.learn(task=0)
+    before = json.loads((ws.root / "report.json").read_text())["accuracy_matrix"]
+    meta = json.loads((ws.root / "workspace.json").read_text())
+    for key in ("modalities", "input_shapes", "setting"):
+        meta.pop(key)
+    meta["format"] = 1
+    (ws.root / "workspace.json").write_text(json.dumps(meta))
+    state = json.loads((ws.root / "state" / "task_000.json").read_text())
+    state["classes_seen"] = [int(c) for c in ws.scenario().tasks[0].classes]
+    state.pop("class_names")
+    (ws.root / "state" / "task_000.json").write_text(json.dumps(state))
+    for f in (ws.root / "heldout").iterdir():
+        f.unlink()
+    r = invoke("eval", "-w", ws.root)
+    assert r.exit_code == 0, r.output
+    assert json.loads((ws.root / "report.json").read_text())["accuracy_matrix"][0][0] == before[0][0]
+    r = invoke("learn", "-w", ws.root, "--scenario", "synthetic-cil", "--task", 1)
+    assert r.exit_code == 0, r.output
+    report = json.loads((ws.root / "report.json").read_text())
+    assert len(report["accuracy_matrix"]) == 2 and report["accuracy_matrix"][1][0] is not None

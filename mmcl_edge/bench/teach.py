@@ -273,6 +273,10 @@ def run_teach_bench(scenario: str, data_dir: str | None, shots: list[int | None]
         root = work / f"shots-{label}"
         shutil.rmtree(root, ignore_errors=True)
         folders = task_folders(sc, root / "tasks", k, seed, new_subject)
+        # one tap cache for every run (content-addressed: the same sample's taps are reused, never mixed)
+        (root / "ws").mkdir(parents=True)
+        (work / "taps").mkdir(exist_ok=True)
+        (root / "ws" / "taps").symlink_to((work / "taps").resolve(), target_is_directory=True)
         say(f"{scenario}, {label} sample(s) per new class: {len(folders)} task folders")
         copy = root / "ws-before-last"
         t = time.perf_counter()
