@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mmcl_edge.runtime.errors import InputError
-from mmcl_edge.runtime.npz import NpzReader
+from mmcl_edge.runtime.npz import NpzReader, read_npy
 from mmcl_edge.runtime.validation import Limits
 
 
@@ -113,7 +113,7 @@ def read_sample(path: Path, spec=None, limits: Limits | None = None) -> np.ndarr
                                      "(resize it first, or raise max_image_pixels)")
                 return np.asarray(im.convert("RGB") if im.mode not in ("L", "I", "F") else im, dtype=np.float32)
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            return read_npy(path, InputError)
         if suffix == ".csv":
             return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=1)
     except InputError:
@@ -121,3 +121,51 @@ def read_sample(path: Path, spec=None, limits: Limits | None = None) -> np.ndarr
     except Exception as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     raise InputError(f"{path}: unknown input type {suffix!r}; use .npz, .wav, .png/.jpg, .npy or .csv")
+
+
+def read_inputs(items: list[str], runtime, samples: str | None = None) -> dict[str, list[np.ndarray]]:
+    """``predict --input`` values -> ``{modality: [sample, ...]}``, a list entry per sample in every
+    form: one ``.npz`` (batch-first by definition, so ``[N, H, W]`` is N grey images; ``samples``,
+    e.g. "3" or "0:10", picks some), or ``MODALITY=FILE`` per modality, each file one sample."""
+    mods = runtime.backbones.modalities
+    if len(items) == 1 and items[0].lower().endswith(".npz") and "=" not in items[0]:
+        arrays = read_npz(Path(items[0]), mods)
+        if samples is not None:
+            try:
+                lo, _, hi = samples.partition(":")
+                pick = slice(int(lo or 0), int(hi) if hi else None) if ":" in samples else slice(int(lo), int(lo) + 1)
+            except ValueError:
+                raise InputError(f"--samples {samples!r}: use an index (3) or a range (0:10)") from None
+            arrays = {m: x[pick] for m, x in arrays.items()}
+        for m, x in arrays.items():
+            if x.ndim == 0 or not len(x):
+                raise InputError(f"x_{m} in {items[0]} holds no sample" +
+                                 (f" (--samples {samples!r} selects none)" if samples is not None else ""))
+        return {m: list(x) for m, x in arrays.items()}
+    if samples is not None:
+        raise InputError("--samples picks samples of a .npz input; a MODALITY=FILE input is one sample")
+    inputs = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--input {item!r}: use MODALITY=FILE (modalities: {', '.join(mods)}) or one .npz")
+        m, f = (part.strip() for part in item.split("=", 1))
+        if m in inputs:
+            raise InputError(f"--input names {m!r} twice; one file per modality")
+        inputs[m] = [read_sample(Path(f), runtime.backbones.specs.get(m), runtime.limits)]
+    return inputs
+
+
+def predict_all(runtime, inputs: dict[str, list[np.ndarray]]):
+    """Every sample answered, in requests of at most ``runtime.limits.max_batch``, as one Prediction."""
+    import dataclasses
+
+    n = max(len(x) for x in inputs.values())
+    step = runtime.limits.max_batch
+    parts = [runtime.predict({m: x[b:b + step] for m, x in inputs.items()}) for b in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    p = parts[0]
+    per_sample = {f.name: np.concatenate([getattr(q, f.name) for q in parts]) for f in dataclasses.fields(p)
+                  if isinstance(getattr(p, f.name), np.ndarray)}  # indices, scores, probabilities, novelty ...
+    return dataclasses.replace(p, **per_sample, labels=[label for q in parts for label in q.labels],
+                               timings_ms={k: sum(q.timings_ms[k] for q in parts) for k in p.timings_ms})

@@ -45,31 +45,47 @@ class NpzReader:
     def __exit__(self, *exc) -> None:
         self.zip.close()
 
-    def header(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        """The member's declared shape and dtype, from its ``.npy`` header alone."""
-        try:
-            with self.zip.open(f"{name}.npy") as f:
-                version = npformat.read_magic(f)
-                read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-                shape, _, dtype = read(f)
-        except KeyError:
-            raise self.error(f"{self.path} has no array {name!r}") from None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise self.error(f"{self.path}: the header of {name!r} cannot be read ({exc})") from None
-        return shape, dtype
-
     def read(self, name: str) -> np.ndarray:
         """One member, after its header passed the checks: plain numbers, at most ``max_bytes``."""
-        shape, dtype = self.header(name)
-        if dtype.hasobject:
-            raise self.error(f"{self.path}: {name!r} holds Python objects (a pickle); only plain numeric arrays "
-                             "are read (save it with a numeric dtype)")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > self.max_bytes:
-            raise self.error(f"{self.path}: {name!r} declares shape {shape} of {dtype} ({nbytes / 2**30:.1f} GiB), "
-                             f"more than the {self.max_bytes / 2**30:.1f} GiB one array may take")
         try:
             with self.zip.open(f"{name}.npy") as f:
-                return npformat.read_array(f, allow_pickle=False)
-        except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile, zlib.error) as exc:
+                return _read_checked(f, f"{self.path}: {name!r}", self.error, self.max_bytes)
+        except KeyError:
+            raise self.error(f"{self.path} has no array {name!r}") from None
+        except (OSError, zipfile.BadZipFile, zlib.error) as exc:
             raise self.error(f"{self.path}: {name!r} cannot be read ({str(exc)[:200]})") from None
+
+
+def read_npy(path, error: type[MMCLError] = DataFormatError, max_bytes: int | None = None) -> np.ndarray:
+    """A ``.npy`` file, with the same checks as an ``.npz`` member."""
+    try:
+        with open(path, "rb") as f:
+            return _read_checked(f, str(path), error, default_max_bytes() if max_bytes is None else max_bytes)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_checked(f, what: str, error: type[MMCLError], max_bytes: int) -> np.ndarray:
+    """Header first (declared shape and dtype, nothing inflated), then the data if it passes."""
+    try:
+        version = npformat.read_magic(f)
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, EOFError) as exc:
+        raise error(f"{what} is not a .npy array ({str(exc)[:200]})") from None
+    if dtype.hasobject:
+        raise error(f"{what} holds Python objects (a pickle); only plain numeric arrays are read "
+                    "(save it with a numeric dtype)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise error(f"{what} declares shape {shape} of {dtype} ({nbytes / 2**30:.1f} GiB), more than the "
+                    f"{max_bytes / 2**30:.1f} GiB one array may take")
+    buf = bytearray(nbytes)  # read in place: the array owns this buffer, nothing is copied
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise error(f"{what} holds {got} bytes of data where its header declares {nbytes}")
+        got += n
+    a = np.frombuffer(buf, dtype=dtype).reshape(shape[::-1] if fortran else shape)
+    return a.T if fortran else a

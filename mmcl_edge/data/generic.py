@@ -85,7 +85,8 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
     if not path.is_file():
         raise DataFormatError(f"{path} is missing")
     with NpzReader(path, DataFormatError) as npz:  # only the members used, each size-checked first
-        arrays = {k: npz.read(k) for k in ("y", "domain", *(f"x_{m}" for m in specs)) if k in npz.names}
+        wanted = ("y", "domain", *(f"x_{m}" for m in specs), *(k for k in npz.names if k.startswith("present_")))
+        arrays = {k: npz.read(k) for k in wanted if k in npz.names}
         arrays.update({k: None for k in npz.names if k.startswith("x_") and k not in arrays})  # named, never read
     if "y" not in arrays:
         raise DataFormatError(f"{path} has no 'y' array of integer labels")
