@@ -126,19 +126,22 @@ def model_metadata(runtime: Runtime, model_name: str) -> dict:
 
 # request decoding ---------------------------------------------------------------------------------
 def _inflate(body: bytes, encoding: str, cap: int) -> bytes:
-    """Decompress at most ``cap`` bytes: a small body that inflates past the cap (a gzip bomb) is
-    refused without ever holding more than ``cap`` bytes of its output."""
+    """Decompress in 1 MiB steps, stopping as soon as the output passes ``cap``: a small body that
+    inflates past the cap (a gzip bomb) never holds more than ``cap`` bytes of its output."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    out, data = bytearray(), body
     try:
-        out = d.decompress(body, cap + 1)
+        while data and not d.eof:
+            out += d.decompress(data, 1 << 20)
+            if len(out) > cap:
+                raise ProtocolError(f"the request body inflates to more than {cap} bytes (the limit; "
+                                    "--max-body-mb raises it)", 413)
+            data = d.unconsumed_tail
     except zlib.error as exc:
         raise ProtocolError(f"the request body is not valid {encoding} ({exc})") from None
-    if len(out) > cap or d.unconsumed_tail:
-        raise ProtocolError(f"the request body inflates to more than {cap} bytes (the limit; "
-                            "--max-body-mb raises it)", 413)
     if not d.eof:
         raise ProtocolError(f"the request body is not valid {encoding} (the stream is truncated)")
-    return out
+    return bytes(out)
 
 
 def _split_body(body: bytes, headers, limits: ServerLimits) -> tuple[dict, bytes]:
