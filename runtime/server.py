@@ -125,7 +125,7 @@ def model_metadata(runtime: Runtime, model_name: str) -> dict:
 
 
 # request decoding ---------------------------------------------------------------------------------
-def _inflate(body: bytes, encoding: str, cap: int) -> bytes:
+def _inflate(body: bytes | bytearray, encoding: str, cap: int) -> bytearray:
     """Decompress in 1 MiB steps, stopping as soon as the output passes ``cap``: a small body that
     inflates past the cap (a gzip bomb) never holds more than ``cap`` bytes of its output."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
@@ -141,10 +141,10 @@ def _inflate(body: bytes, encoding: str, cap: int) -> bytes:
         raise ProtocolError(f"the request body is not valid {encoding} ({exc})") from None
     if not d.eof:
         raise ProtocolError(f"the request body is not valid {encoding} (the stream is truncated)")
-    return bytes(out)
+    return out
 
 
-def _split_body(body: bytes, headers, limits: ServerLimits) -> tuple[dict, bytes]:
+def _split_body(body: bytes | bytearray, headers, limits: ServerLimits) -> tuple[dict, bytes | memoryview]:
     encoding = (headers.get("content-encoding") or "").lower()
     if encoding in ("gzip", "deflate"):
         body = _inflate(body, encoding, limits.max_body_bytes)
@@ -158,7 +158,8 @@ def _split_body(body: bytes, headers, limits: ServerLimits) -> tuple[dict, bytes
             raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {length[:40]!r}") from None
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
-        header, binary = body[:n], body[n:]
+        view = memoryview(body)  # the tensors stay where they are: no copy of a large binary part
+        header, binary = bytes(view[:n]), view[n:]
     else:
         header, binary = body, b""
     try:
@@ -191,7 +192,7 @@ def _flatten(data, depth: int) -> list:
     return level
 
 
-def decode_inputs(request: dict, binary: bytes, runtime: Runtime, max_bytes: int = ServerLimits.max_body_bytes
+def decode_inputs(request: dict, binary: bytes | memoryview, runtime: Runtime, max_bytes: int = ServerLimits.max_body_bytes
                   ) -> dict[str, np.ndarray]:
     """The request's named tensors as arrays, checked against the model's declared inputs; a shape
     that holds more values than ``max_bytes`` of body could carry is refused before any allocation."""
@@ -264,17 +265,17 @@ def decode_inputs(request: dict, binary: bytes, runtime: Runtime, max_bytes: int
     return arrays
 
 
-def decode_request(body: bytes, headers, runtime: Runtime, limits: ServerLimits) -> tuple[dict, dict[str, np.ndarray]]:
+def decode_request(body: bytes | bytearray, headers, runtime: Runtime, limits: ServerLimits) -> tuple[dict, dict[str, np.ndarray]]:
     """A whole request body -> (the JSON request, its tensors), every cap applied: decompression,
     JSON and conversion. Blocking work: ``read_request`` runs it in a thread."""
     request, binary = _split_body(body, headers, limits)
     return request, decode_inputs(request, binary, runtime, limits.max_body_bytes)
 
 
-async def read_body(request: Request, limits: ServerLimits) -> bytes:
+async def read_body(request: Request, limits: ServerLimits) -> bytearray:
     """The body, refused with 413 as soon as it is known to pass ``max_body_bytes`` (its
     Content-Length, or the bytes counted so far of a chunked one), and with 408 when it pauses
-    longer than ``body_timeout``."""
+    longer than ``body_timeout``. A bytearray: decoding reads it in place, never a second copy."""
     cap = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -293,7 +294,7 @@ async def read_body(request: Request, limits: ServerLimits) -> bytes:
             raise ProtocolError(f"the request body is more than {cap} bytes, the limit (--max-body-mb raises it)",
                                 413)
         if not message.get("more_body", False):
-            return bytes(body)
+            return body
 
 
 async def read_request(request: Request, runtime: Runtime, limits: ServerLimits) -> tuple[dict, dict[str, np.ndarray]]:
@@ -322,7 +323,7 @@ def requested_outputs(request: dict) -> list[tuple[str, bool]]:
     return chosen
 
 
-# The infer request as OpenAPI describes it (the app's schema: clients and the fuzz test read it).
+# The infer request in the app's OpenAPI schema (app.openapi(); the fuzz test generates requests from it).
 _ERROR = {"description": "a mistake in the request, or a limit passed: {\"error\": \"...\"}",
           "content": {"application/json": {"schema": {"type": "object", "required": ["error"],
                                                           "properties": {"error": {"type": "string"}}}}}}
