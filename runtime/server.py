@@ -346,7 +346,7 @@ INFER_OPENAPI = {
                 "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}}}}}}},
     "responses": {"200": {"description": "the outputs (KServe v2 inference response)",
                           "content": {"application/json": {"schema": {"type": "object"}}}},
-                  **{code: _ERROR for code in ("400", "404", "408", "413", "415")}},
+                  **{code: _ERROR for code in ("400", "404", "408", "413", "415", "431")}},
 }
 
 
@@ -448,8 +448,15 @@ def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None, limits: S
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
+        scope = request.scope
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
         try:
-            response = await call_next(request)
+            if head > limits.max_header_bytes:  # h11 bounds what it buffers; this bounds what it accepted
+                response = _error(f"the request line and headers take {head} bytes; the limit is "
+                                  f"{limits.max_header_bytes} (--max-header-kb raises it)", 431)
+            else:
+                response = await call_next(request)
         except Exception:  # a bug: answered in JSON and counted, its traceback in the server's log
             log.exception("unexpected error answering %s %s", request.method, request.url.path)
             response = _error("internal server error (the server's log has the details)", 500)

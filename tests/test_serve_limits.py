@@ -147,7 +147,9 @@ def test_a_stalled_body_gets_408_and_a_trickled_head_is_cut_off(limited, synthet
 def test_oversized_headers_get_a_json_400(limited):
     """Old code (httptools, picked by uvicorn when installed): 200 KB of headers accepted."""
     status, body = http("GET", limited.url + "/v2/health/live", headers={"X-Big": "a" * (200 << 10)})
-    assert status == 400 and "headers" in body["error"], (status, body)
+    assert status == 400 and "headers" in body["error"], (status, body)  # h11 stops buffering at the limit
+    status, body = http("GET", limited.url + "/v2/health/live", headers={"X-Big": "a" * (20 << 10)})
+    assert status == 431 and "headers" in body["error"], (status, body)  # arrived whole, then refused
     assert http("GET", limited.url + "/v2/health/live", headers={"X-Small": "a" * 1000})[0] == 200
 
 
@@ -202,6 +204,39 @@ def test_bodies_are_decoded_off_the_event_loop(limited, synthetic_ws, monkeypatc
     monkeypatch.setattr(server, "decode_inputs", spy)
     assert http("POST", limited.url + INFER, infer_body(test_inputs(synthetic_ws, 1)))[0] == 200
     assert seen and seen[0] != limited.thread.ident  # not the thread that runs the event loop
+
+
+def test_serve_flags_set_the_limits(synthetic_ws):
+    """`mmcl-edge serve --max-body-mb ... --max-header-kb ...` reach the app and the HTTP layer."""
+    import subprocess
+    import sys
+
+    from test_serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mmcl_edge.cli.main", "serve", "-w", str(synthetic_ws.root),
+                             "--port", str(port), "--provider", "cpu", "--max-body-mb", "0.01", "--max-header-kb", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + DEADLINE_S
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if http("GET", url + "/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < end, "mmcl-edge serve did not become ready"
+            time.sleep(0.1)
+        status, body = http("POST", url + INFER, b" " * 20000)
+        assert status == 413 and "the limit is 10485" in body["error"], (status, body)
+        status, body = http("GET", url + "/v2/health/live", headers={"X-Big": "a" * 3000})
+        assert status == 431 and "--max-header-kb" in body["error"], (status, body)
+        assert http("POST", url + INFER, infer_body(test_inputs(synthetic_ws, 1)))[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 # fuzzing ------------------------------------------------------------------------------------------
