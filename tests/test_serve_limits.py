@@ -206,6 +206,40 @@ def test_bodies_are_decoded_off_the_event_loop(limited, synthetic_ws, monkeypatc
     assert seen and seen[0] != limited.thread.ident  # not the thread that runs the event loop
 
 
+def test_the_teaching_route_takes_tensors_under_the_same_limits(synthetic_ws, tmp_path):
+    """POST .../samples decodes through the same read_request: its caps and errors are infer's."""
+    from mmcl_edge.runtime.teach_routes import TeachSettings
+
+    ws = tmp_path / "ws"
+    shutil.copytree(synthetic_ws.root, ws)
+    rt = Runtime(ws, providers="cpu")
+    token = "a-long-enough-teaching-token-0123"
+    app = create_app(rt, "mmcl", teach=TeachSettings(token, 1 << 20, 100), limits=LIMITS)
+    auth = {"Authorization": f"Bearer {token}"}
+    samples = "/v2/models/mmcl/samples"
+    good = infer_body(test_inputs(synthetic_ws, 1), parameters={"label": "3"})
+    m0, m1 = good["inputs"]
+    with ServerThread(app) as srv:
+        head = (f"POST {samples} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Length: {200 << 20}\r\n\r\n").encode()
+        status, body = status_and_json(raw_exchange(srv.port, head, [b"{"]))
+        assert status == 413 and str(CAP) in body["error"]
+        comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        bomb = b"".join(comp.compress(bytes(1 << 20)) for _ in range(8)) + comp.flush()
+        status, body = http("POST", srv.url + samples, bomb, {**auth, "Content-Encoding": "gzip"})
+        assert status == 413 and "inflates" in body["error"]
+        deep = json.dumps({**good, "inputs": [{**m0, "data": "DEEP"}, m1]}).replace(
+            '"DEEP"', "[" * 5000 + "1" + "]" * 5000).encode()
+        status, body = http("POST", srv.url + samples, deep, auth)
+        assert status == 400 and body["error"]
+        status, body = http("POST", srv.url + samples, {**good, "inputs": [{**m0, "shape": [1 << 32, 1 << 32]}, m1]},
+                            auth)
+        assert status == 400 and "more than a request" in body["error"]
+        status, _ = http("POST", srv.url + samples, good, auth)
+        assert status == 200
+    rt.stop()
+
+
 def test_serve_flags_set_the_limits(synthetic_ws):
     """`mmcl-edge serve --max-body-mb ... --max-header-kb ...` reach the app and the HTTP layer."""
     import subprocess
