@@ -27,7 +27,7 @@ def build(workspace: str, model_name: str = "mmcl", replicas: int = 1, providers
             self.runtime.start_watcher(poll_seconds)
 
         def __serve_build_asgi_app__(self):
-            return create_app(self.runtime, self.model_name, self.limits)
+            return create_app(self.runtime, self.model_name, limits=self.limits)
 
         def __del__(self):
             self.runtime.stop()
