@@ -275,8 +275,9 @@ def bench_soak(
     require_extra("learn")  # the learner child; the serving side (this process) stays torch-free
     from mmcl_edge.runtime.latency import workspace_test_samples
     from mmcl_edge.bench.soak import run_soak
+    from mmcl_edge.runtime.layout import resolve_root
 
-    root = workspace.expanduser().resolve()
+    root = resolve_root(workspace)
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
     samples, why = workspace_test_samples(root)
@@ -342,8 +343,9 @@ def bench_latency(
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.latency import (batch_of, example_inputs, measure_bare_backbones, measure_predict,
                                            measure_swap, runtime_footprint, servable_packs, workspace_test_samples)
+    from mmcl_edge.runtime.layout import resolve_root
 
-    root = workspace.expanduser().resolve()
+    root = resolve_root(workspace)
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
     rt = Runtime(root, providers=provider, threads=threads)
@@ -455,8 +457,9 @@ def bench_swap(
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.latency import example_inputs, measure_swaps, servable_packs, workspace_test_samples
+    from mmcl_edge.runtime.layout import resolve_root
 
-    root = workspace.expanduser().resolve()
+    root = resolve_root(workspace)
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
     rt = Runtime(root, providers=provider, threads=session_threads)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -65,7 +64,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from mmcl_edge.errors import MMCLError
-        from mmcl_edge.runtime.layout import STORAGE_ERRNOS
+        from mmcl_edge.runtime.layout import STORAGE_ERRNOS, os_error_message
         try:
             return fn(*args, **kwargs)
         except MissingExtra as exc:
@@ -83,8 +82,7 @@ def user_errors(fn):
         except OSError as exc:
             if exc.errno not in STORAGE_ERRNOS:
                 raise
-            err.print(f"[bold red]error:[/] cannot write {escape(str(exc.filename or ''))}: {os.strerror(exc.errno)}",
-                      highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
 

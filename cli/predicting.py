@@ -37,7 +37,7 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
 
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.errors import InputError
-    from mmcl_edge.runtime.inputs import read_npz, read_sample
+    from mmcl_edge.runtime.inputs import predict_all, read_inputs
 
     if bool(bag) == bool(input_):
         raise InputError("give -i INPUT or --bag BAG (one of them)")
@@ -50,38 +50,7 @@ def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w
         from mmcl_edge.cli.bag import predict_bag
 
         return predict_bag(rt, bag, topics, window, hop, out_bag, as_json)
-    mods = rt.backbones.modalities
-    if len(input_) == 1 and input_[0].lower().endswith(".npz") and "=" not in input_[0]:
-        inputs = read_npz(Path(input_[0]), mods)
-        if samples is not None:
-            try:
-                lo, _, hi = samples.partition(":")
-                pick = slice(int(lo or 0), int(hi) if hi else None) if ":" in samples else slice(int(lo), int(lo) + 1)
-            except ValueError:
-                raise InputError(f"--samples {samples!r}: use an index (3) or a range (0:10)") from None
-            inputs = {m: x[pick] for m, x in inputs.items()}
-            if not all(len(x) for x in inputs.values()):
-                raise InputError(f"--samples {samples!r} selects no sample")
-    else:
-        inputs = {}
-        for item in input_:
-            if "=" not in item:
-                raise InputError(f"--input {item!r}: use MODALITY=FILE (modalities: {', '.join(mods)}) or one .npz")
-            m, f = item.split("=", 1)
-            inputs[m.strip()] = read_sample(Path(f), rt.backbones.specs.get(m.strip()))
-    n = len(next(iter(inputs.values()))) if all(isinstance(x, np.ndarray) and x.ndim > 0 for x in inputs.values()) else 0
-    step = rt.limits.max_batch
-    if len(input_) == 1 and n > step:  # a whole test file: in request-sized chunks, answered as one
-        parts = [rt.predict({m: x[b:b + step] for m, x in inputs.items()}) for b in range(0, n, step)]
-        p = parts[0]
-        p.labels = [label for q in parts for label in q.labels]
-        p.scores = np.concatenate([q.scores for q in parts])
-        p.timings_ms = {k: sum(q.timings_ms[k] for q in parts) for k in p.timings_ms}
-        if p.novelty is not None:
-            p.novelty = np.concatenate([q.novelty for q in parts])
-            p.unknown = np.concatenate([q.unknown for q in parts])
-    else:
-        p = rt.predict(inputs)
+    p = predict_all(rt, read_inputs(input_, rt, samples))  # one answer per sample, whatever the input form
     if as_json:
         def finite(v):  # JSON has no NaN/Infinity: a non-finite number is written as null
             return v if np.isfinite(v) else None
@@ -113,9 +82,9 @@ def info(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"))
     from mmcl_edge.runtime.backbones import INDEX_FILE
     from mmcl_edge.runtime.pack import CURRENT_FILE, MANIFEST_FILE
 
-    from mmcl_edge.runtime.layout import read_json
+    from mmcl_edge.runtime.layout import read_json, resolve_root
 
-    root = workspace.expanduser().resolve()
+    root = resolve_root(workspace)
     meta_path = root / "workspace.json"
     if not meta_path.is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json)")

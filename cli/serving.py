@@ -31,13 +31,25 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           teach_max_forgetting: float = typer.Option(5.0, help="With --teach: the forgetting gate's limit "
                                                                "(points), as 'teach --max-forgetting'."),
           teach_holdout: Optional[float] = typer.Option(None, help="With --teach: keep this fraction of each "
-                                                                   "job's samples (per class) as held-out data.")):
+                                                                   "job's samples (per class) as held-out data."),
+          max_body_mb: float = typer.Option(64, min=0.001, help="Largest request body in MiB, as sent and after "
+                                                                "decompression; larger gets 413."),
+          body_timeout: float = typer.Option(30, min=0.1, help="Seconds a request body may pause; then 408."),
+          header_timeout: float = typer.Option(10, min=0.1, help="Seconds for a request's line and headers to arrive."),
+          max_header_kb: int = typer.Option(16, min=1, help="Largest request line + headers in KiB; larger gets 431."),
+          keep_alive: float = typer.Option(5, min=0.1, help="Seconds an idle connection stays open."),
+          max_concurrency: int = typer.Option(64, min=1, help="Connections or requests in flight; more get 503.")):
     """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
     import socket
 
     from mmcl_edge.runtime import Runtime
-    from mmcl_edge.runtime.server import create_app
+    from mmcl_edge.runtime.layout import resolve_root
+    from mmcl_edge.runtime.server import ServerLimits, create_app, uvicorn_config
+
+    limits = ServerLimits(max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout=body_timeout,
+                          header_timeout=header_timeout, max_header_bytes=max_header_kb << 10,
+                          keep_alive=keep_alive, max_concurrency=max_concurrency)
 
     url = f"http://{host}:{port}/v2/models/{model_name}"
     if ray:
@@ -47,9 +59,9 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
         err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol); Ctrl-C stops",
                   highlight=False)
-        ray_serve.run(str(workspace.expanduser().resolve()), host=host, port=port, model_name=model_name,
+        ray_serve.run(str(resolve_root(workspace)), host=host, port=port, model_name=model_name,
                       replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
-                      replica_cpus=replica_cpus, address=ray_address, blocking=True)
+                      replica_cpus=replica_cpus, address=ray_address, blocking=True, limits=limits)
         return
     settings = None
     if teach:
@@ -75,7 +87,8 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
     err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
               f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
     try:
-        uvicorn.run(create_app(rt, model_name, teach=settings), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn_config(create_app(rt, model_name, teach=settings, limits=limits), host=host,
+                                      port=port)).run()
     finally:
         rt.stop()
 

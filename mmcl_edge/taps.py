@@ -18,6 +18,7 @@ import torch
 
 from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
 from mmcl_edge.preprocess import PreprocessSpec, preprocess, preprocess_batch
+from mmcl_edge.runtime import layout
 
 # (kind, encoding) -> the frozen backbone used unless modalities.json names another ("backbone")
 DEFAULT_BACKBONES = {("image", "cnn"): "efficientnet-lite0", ("audio", "cnn"): "efficientnet-lite0",
@@ -121,9 +122,14 @@ class TapCache:
             new_arrays = [np.concatenate(n) for n in new]
             folder.mkdir(parents=True, exist_ok=True)
             shard = folder / f"shard_{len(_shards(folder)):05d}.npz"
-            tmp = shard.with_suffix(".tmp.npz")
-            np.savez(tmp, keys=np.array(missing, dtype=f"S{_KEY_BYTES}"), **{f"tap{i}": a for i, a in enumerate(new_arrays)})
-            tmp.replace(shard)  # a reader never sees a half-written shard
+            content = {"keys": np.array(missing, dtype=f"S{_KEY_BYTES}"), **{f"tap{i}": a for i, a in enumerate(new_arrays)}}
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **content)
+
+            # a reader never sees a half-written shard; a full disk leaves no temporary and names the shard
+            layout.atomic_write(shard, write)
             base = len(arrays[0]) if arrays else 0
             for i, k in enumerate(missing):
                 index[k] = base + i

@@ -93,7 +93,7 @@ class Workspace:
     @classmethod
     def create(cls, root, source: dict, config: LearnConfig) -> "Workspace":
         """A workspace bound to a benchmark stream or a data set cut into tasks (``learn``)."""
-        root = Path(root).expanduser().resolve()
+        root = layout.resolve_root(root)
         if (root / "workspace.json").exists():
             raise WorkspaceError(f"{root} already holds a workspace")
         meta = cls._new_meta(source, config)
@@ -108,7 +108,7 @@ class Workspace:
     def create_taught(cls, root, specs: dict[str, PreprocessSpec], first: MultiModalDataset,
                       config: LearnConfig) -> "Workspace":
         """An empty workspace for tasks that arrive one by one; its modalities come from the first."""
-        root = Path(root).expanduser().resolve()
+        root = layout.resolve_root(root)
         if (root / "workspace.json").exists():
             raise WorkspaceError(f"{root} already holds a workspace")
         meta = cls._new_meta({"taught": True}, config)
@@ -124,11 +124,7 @@ class Workspace:
 
     @classmethod
     def open(cls, root) -> "Workspace":
-        root = Path(root).expanduser()
-        try:
-            root = root.resolve()
-        except (OSError, RuntimeError) as exc:  # a symbolic-link loop
-            raise WorkspaceError(f"{root} cannot be resolved ({exc})") from None
+        root = layout.resolve_root(root)
         path = root / "workspace.json"
         if not path.is_file():
             raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with "
@@ -282,18 +278,12 @@ class Workspace:
 
     def save_state(self, k: int, model: MMCLModel, extra: dict) -> None:
         """Commit task ``k``'s state: weights first, then the JSON (written last, it commits the task)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         weights, meta = self.state_paths(k)
-        tensors = model.state_tensors()
-        try:
-            layout.atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
-        except Exception as exc:  # safetensors reports a full disk as its own error type
-            if isinstance(exc, OSError) or "No space left" in str(exc) or "Read-only" in str(exc):
-                from mmcl_edge.errors import StorageError
-
-                raise StorageError(f"cannot write {weights}: {str(exc)[:200]}") from None
-            raise
+        # serialised in memory, written by Python: a refused write is an OSError that names the file
+        # (safetensors' own save_file raises a SafetensorError without errno or path)
+        layout.atomic_write_bytes(weights, save(model.state_tensors()))
         write_json_atomic(meta, {**model.describe(), **extra})
 
     def drop_states(self, start: int, stop: int) -> None:

@@ -46,6 +46,40 @@ def storage_error(exc: OSError, path: Path | str) -> StorageError:
                         "(nothing was left half-written; free space or fix permissions and run the command again)")
 
 
+# errno values only a write can cause: the rest (EACCES, EPERM, EIO) may come from a read
+WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an ``OSError`` the storage raised, with the right verb: "cannot read" when the
+    path (or the nearest folder above it that exists) cannot be read, else "cannot write"."""
+    path = exc.filename or ""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno not in WRITE_ONLY_ERRNOS and path and _unreadable(path):
+        verb = "read"
+    elif exc.errno == errno.EIO:
+        verb = "read or write"
+    else:
+        verb = "write"
+    return f"cannot {verb} {path or '(a file)'}: {reason}"
+
+
+def _unreadable(path) -> bool:
+    p = os.path.abspath(path)
+    while not os.path.lexists(p) and p != os.path.dirname(p):
+        p = os.path.dirname(p)
+    return not os.access(p, os.R_OK | (os.X_OK if os.path.isdir(p) else 0),
+                         effective_ids=os.access in os.supports_effective_ids)
+
+
+def resolve_root(path) -> Path:
+    """A workspace path made absolute; a symbolic link loop is a ``WorkspaceError``, not a traceback."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13: RuntimeError("Symlink loop ..."); later ELOOP
+        raise WorkspaceError(f"{path} cannot be used as a workspace: {exc}") from None
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

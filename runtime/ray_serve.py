@@ -7,35 +7,37 @@ node (one machine, or shared storage). Torch-free, like the rest of the runtime.
 """
 from __future__ import annotations
 
-from mmcl_edge.runtime.server import create_app
+from mmcl_edge.runtime.server import ServerLimits, create_app
 from mmcl_edge.runtime.service import Runtime
 
 
 def build(workspace: str, model_name: str = "mmcl", replicas: int = 1, providers=None, threads: int = 0,
-          poll_seconds: float = 0.5, replica_cpus: float = 1.0):
-    """A bound Ray Serve application: ``replicas`` copies of the endpoint over ``workspace``."""
+          poll_seconds: float = 0.5, replica_cpus: float = 1.0, limits: ServerLimits | None = None):
+    """A bound Ray Serve application: ``replicas`` copies of the endpoint over ``workspace``. The
+    request limits (size, body timeout) hold in each replica; Ray's proxy owns the connections."""
     from ray import serve
 
     @serve.deployment(name="mmcl-edge", num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
     @serve.ingress()
     class MMCLReplica:
-        def __init__(self, workspace: str, model_name: str, providers, threads: int, poll_seconds: float):
-            self.model_name = model_name
+        def __init__(self, workspace: str, model_name: str, providers, threads: int, poll_seconds: float,
+                     limits: ServerLimits | None):
+            self.model_name, self.limits = model_name, limits
             self.runtime = Runtime(workspace, providers=providers, threads=threads)
             self.runtime.start_watcher(poll_seconds)
 
         def __serve_build_asgi_app__(self):
-            return create_app(self.runtime, self.model_name)
+            return create_app(self.runtime, self.model_name, limits=self.limits)
 
         def __del__(self):
             self.runtime.stop()
 
-    return MMCLReplica.bind(str(workspace), model_name, providers, threads, poll_seconds)
+    return MMCLReplica.bind(str(workspace), model_name, providers, threads, poll_seconds, limits)
 
 
 def run(workspace: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "mmcl", replicas: int = 1,
         providers=None, threads: int = 0, poll_seconds: float = 0.5, replica_cpus: float = 1.0,
-        address: str | None = None, blocking: bool = True):
+        address: str | None = None, blocking: bool = True, limits: ServerLimits | None = None):
     """Start (or join, with ``address``) Ray, deploy the endpoint on ``host:port`` and serve."""
     import time
 
@@ -47,7 +49,7 @@ def run(workspace: str, *, host: str = "127.0.0.1", port: int = 8000, model_name
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
             ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    app = build(workspace, model_name, replicas, providers, threads, poll_seconds, replica_cpus)
+    app = build(workspace, model_name, replicas, providers, threads, poll_seconds, replica_cpus, limits)
     handle = serve.run(app, name="mmcl-edge", route_prefix="/")
     if not blocking:
         return handle

@@ -23,15 +23,27 @@ dropped out; ``parameters.modalities`` lists the modalities that answered. The b
 
 User mistakes (unknown model, a missing/unknown tensor, wrong datatype, shape and data that do not
 agree, malformed JSON) are answered with the protocol's ``{"error": "..."}`` and a 4xx status.
+
+Limits (``ServerLimits``; ``mmcl-edge serve`` flags): a body over ``max_body_bytes`` (as sent, and
+again after gzip/deflate decompression) is answered 413 before more of it is read or inflated; a
+body that pauses longer than ``body_timeout`` gets 408; request line and headers must arrive within
+``header_timeout`` and fit ``max_header_bytes``; idle connections close after ``keep_alive``; more
+than ``max_concurrency`` connections or requests in flight get 503. Bodies are decoded off the event
+loop (a thread), so one large request does not stall the others. Any unexpected failure is a JSON
+500, counted in ``/metrics`` like every other answer.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
 import socket
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -56,6 +68,19 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "FP32": np.float32, "FP64": np.float64}
 INPUT_DATATYPE = "FP32"
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several behind one route on Ray)
+log = logging.getLogger("mmcl_edge.server")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on what one client can make the server hold or wait for (README "Trust and safety")."""
+
+    max_body_bytes: int = 64 << 20     # request body, as sent and after decompression (Triton's default)
+    body_timeout: float = 30.0         # longest pause (s) while a request body arrives: then 408
+    header_timeout: float = 10.0       # request line and headers must arrive within this (s)
+    max_header_bytes: int = 16 << 10   # request line and headers together
+    keep_alive: float = 5.0            # an idle connection is closed after this (s)
+    max_concurrency: int = 64          # connections or requests in flight; beyond it new requests get 503
 
 
 class ProtocolError(Exception):
@@ -100,13 +125,29 @@ def model_metadata(runtime: Runtime, model_name: str) -> dict:
 
 
 # request decoding ---------------------------------------------------------------------------------
-def _split_body(body: bytes, headers) -> tuple[dict, bytes]:
+def _inflate(body: bytes | bytearray, encoding: str, cap: int) -> bytearray:
+    """Decompress in 1 MiB steps, stopping as soon as the output passes ``cap``: a small body that
+    inflates past the cap (a gzip bomb) never holds more than ``cap`` bytes of its output."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    out, data = bytearray(), body
+    try:
+        while data and not d.eof:
+            out += d.decompress(data, 1 << 20)
+            if len(out) > cap:
+                raise ProtocolError(f"the request body inflates to more than {cap} bytes (the limit; "
+                                    "--max-body-mb raises it)", 413)
+            data = d.unconsumed_tail
+    except zlib.error as exc:
+        raise ProtocolError(f"the request body is not valid {encoding} ({exc})") from None
+    if not d.eof:
+        raise ProtocolError(f"the request body is not valid {encoding} (the stream is truncated)")
+    return out
+
+
+def _split_body(body: bytes | bytearray, headers, limits: ServerLimits) -> tuple[dict, bytes | memoryview]:
     encoding = (headers.get("content-encoding") or "").lower()
     if encoding in ("gzip", "deflate"):
-        try:
-            body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise ProtocolError(f"the request body is not valid {encoding} ({exc})") from None
+        body = _inflate(body, encoding, limits.max_body_bytes)
     elif encoding not in ("", "identity"):
         raise ProtocolError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none", 415)
     length = headers.get(HEADER_LENGTH.lower())
@@ -114,35 +155,47 @@ def _split_body(body: bytes, headers) -> tuple[dict, bytes]:
         try:
             n = int(length)
         except ValueError:
-            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {length!r}") from None
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {length[:40]!r}") from None
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
-        header, binary = body[:n], body[n:]
+        view = memoryview(body)  # the tensors stay where they are: no copy of a large binary part
+        header, binary = bytes(view[:n]), view[n:]
     else:
         header, binary = body, b""
     try:
         request = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"the request is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError("the request JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer with too many digits
+        raise ProtocolError(f"the request is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(request, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'")
     return request, binary
 
 
-def _flatten(data) -> list:
-    """Row-major flattening of nested JSON lists (the protocol allows flat or nested data)."""
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(d, list) for d in data):
-        return data
-    flat: list = []
-    for d in data:
-        flat.extend(_flatten(d))
-    return flat
+def _flatten(data, depth: int) -> list:
+    """Row-major flattening of JSON data nested at most ``depth`` lists deep (the protocol allows flat
+    or nested data); level by level, so deep nesting costs no recursion."""
+    level = data if isinstance(data, list) else [data]
+    for _ in range(depth - 1):  # the outer list is the first axis
+        if not any(isinstance(d, list) for d in level):
+            return level
+        flat: list = []
+        for d in level:
+            if isinstance(d, list):
+                flat.extend(d)
+            else:
+                flat.append(d)
+        level = flat
+    if any(isinstance(d, list) for d in level):
+        raise ValueError(f"nested deeper than its shape's {depth} axes")
+    return level
 
 
-def decode_inputs(request: dict, binary: bytes, runtime: Runtime) -> dict[str, np.ndarray]:
-    """The request's named tensors as arrays, checked against the model's declared inputs."""
+def decode_inputs(request: dict, binary: bytes | memoryview, runtime: Runtime, max_bytes: int = ServerLimits.max_body_bytes
+                  ) -> dict[str, np.ndarray]:
+    """The request's named tensors as arrays, checked against the model's declared inputs; a shape
+    that holds more values than ``max_bytes`` of body could carry is refused before any allocation."""
     tensors = request.get("inputs")
     if not isinstance(tensors, list) or not tensors:
         raise ProtocolError("the request needs 'inputs': a non-empty list of tensors")
@@ -165,7 +218,10 @@ def decode_inputs(request: dict, binary: bytes, runtime: Runtime) -> dict[str, n
         if datatype != INPUT_DATATYPE:
             raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not accepted; this model's inputs "
                                 f"are {INPUT_DATATYPE}")
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # Python integers: a product past int64 cannot wrap around
+        if count * 4 > max_bytes:  # binary FP32 is the densest encoding
+            raise ProtocolError(f"input {name!r}: shape {shape[:8]} holds {count} values, more than a request of "
+                                f"at most {max_bytes} bytes can carry")
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -181,12 +237,18 @@ def decode_inputs(request: dict, binary: bytes, runtime: Runtime) -> dict[str, n
         else:
             if "data" not in t:
                 raise ProtocolError(f"input {name!r} has no 'data'")
-            flat = _flatten(t["data"])
+            try:
+                flat = _flatten(t["data"], len(shape))
+            except ValueError as exc:
+                raise ProtocolError(f"input {name!r}: 'data' is {exc}") from None
             if len(flat) != count:
                 raise ProtocolError(f"input {name!r}: shape {shape} needs {count} values, 'data' holds {len(flat)}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
                 raise ProtocolError(f"input {name!r}: 'data' must hold numbers for datatype {datatype}")
-            arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+            try:
+                arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+            except OverflowError:  # an integer beyond any float
+                raise ProtocolError(f"input {name!r}: 'data' holds a number beyond the range of {datatype}") from None
         declared = input_shape(runtime, name)
         image = runtime.backbones.specs[name].kind == "image"
         if runtime.backbones.specs[name].kind in SAMPLE_NDIM:  # kinds this server knows; others: the runtime decides
@@ -201,6 +263,45 @@ def decode_inputs(request: dict, binary: bytes, runtime: Runtime) -> dict[str, n
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
     return arrays
+
+
+def decode_request(body: bytes | bytearray, headers, runtime: Runtime, limits: ServerLimits) -> tuple[dict, dict[str, np.ndarray]]:
+    """A whole request body -> (the JSON request, its tensors), every cap applied: decompression,
+    JSON and conversion. Blocking work: ``read_request`` runs it in a thread."""
+    request, binary = _split_body(body, headers, limits)
+    return request, decode_inputs(request, binary, runtime, limits.max_body_bytes)
+
+
+async def read_body(request: Request, limits: ServerLimits) -> bytearray:
+    """The body, refused with 413 as soon as it is known to pass ``max_body_bytes`` (its
+    Content-Length, or the bytes counted so far of a chunked one), and with 408 when it pauses
+    longer than ``body_timeout``. A bytearray: decoding reads it in place, never a second copy."""
+    cap = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ProtocolError(f"the request body is {int(declared)} bytes; the limit is {cap} (--max-body-mb "
+                            "raises it)", 413)
+    body = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"the request body paused for more than {limits.body_timeout:g} s", 408) from None
+        if message["type"] != "http.request":  # the client went away
+            raise ProtocolError("the client disconnected before the request body was complete", 400)
+        body += message.get("body", b"")
+        if len(body) > cap:
+            raise ProtocolError(f"the request body is more than {cap} bytes, the limit (--max-body-mb raises it)",
+                                413)
+        if not message.get("more_body", False):
+            return body
+
+
+async def read_request(request: Request, runtime: Runtime, limits: ServerLimits) -> tuple[dict, dict[str, np.ndarray]]:
+    """The one way a route takes tensors (infer, and any later route that takes the same tensors):
+    the body under the size cap and timeout, then decoded off the event loop."""
+    body = await read_body(request, limits)
+    return await run_in_threadpool(decode_request, body, request.headers, runtime, limits)
 
 
 def requested_outputs(request: dict) -> list[tuple[str, bool]]:
@@ -220,6 +321,33 @@ def requested_outputs(request: dict) -> list[tuple[str, bool]]:
         p = o.get("parameters") or {}
         chosen.append((o["name"], bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary))
     return chosen
+
+
+# The infer request in the app's OpenAPI schema (app.openapi(); the fuzz test generates requests from it).
+_ERROR = {"description": "a mistake in the request, or a limit passed: {\"error\": \"...\"}",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                                          "properties": {"error": {"type": "string"}}}}}}
+INFER_OPENAPI = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            "inputs": {"type": "array", "items": {
+                "type": "object", "required": ["name", "shape", "datatype", "data"],
+                "properties": {"name": {"type": "string"},
+                               "shape": {"type": "array", "items": {"type": "integer"}},
+                               "datatype": {"type": "string"},
+                               "parameters": {"type": "object",
+                                              "properties": {"binary_data_size": {"type": "integer"}}},
+                               "data": {"type": "array", "items": {}}}}},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}}}}}}},
+    "responses": {"200": {"description": "the outputs (KServe v2 inference response)",
+                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                  **{code: _ERROR for code in ("400", "404", "408", "413", "415", "431")}},
+}
 
 
 # response encoding --------------------------------------------------------------------------------
@@ -308,16 +436,30 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None) -> FastAPI:
+def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None, limits: ServerLimits | None = None) -> FastAPI:
     """A FastAPI app serving ``runtime`` as model ``model_name`` (the caller starts any watcher);
-    ``teach`` (``teach_routes.TeachSettings``) adds the token-guarded teaching routes."""
+    ``teach`` (``teach_routes.TeachSettings``) adds the token-guarded teaching routes; ``limits``
+    bound every request (the teaching routes take tensors through the same ``read_request``)."""
+    limits = limits or ServerLimits()
     app = FastAPI(title="mmcl-edge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(runtime)
     app.state.runtime, app.state.metrics, app.state.model_name = runtime, metrics, model_name
+    app.state.limits = limits
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
-        response = await call_next(request)
+        scope = request.scope
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        try:
+            if head > limits.max_header_bytes:  # h11 bounds what it buffers; this bounds what it accepted
+                response = _error(f"the request line and headers take {head} bytes; the limit is "
+                                  f"{limits.max_header_bytes} (--max-header-kb raises it)", 431)
+            else:
+                response = await call_next(request)
+        except Exception:  # a bug: answered in JSON and counted, its traceback in the server's log
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            response = _error("internal server error (the server's log has the details)", 500)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "name", None) or "unknown", str(response.status_code)).inc()
         return response
@@ -362,12 +504,11 @@ def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None) -> FastAP
         ok = runtime.pack is not None
         return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post("/v2/models/{name}/infer", name="infer")
+    @app.post("/v2/models/{name}/infer", name="infer", openapi_extra=INFER_OPENAPI)
     async def infer(name: str, request: Request):
         start = time.perf_counter()
         check_model(name)
-        req, binary = _split_body(await request.body(), request.headers)
-        arrays = decode_inputs(req, binary, runtime)
+        req, arrays = await read_request(request, runtime, limits)
         outputs = requested_outputs(req)
         try:  # a batch per modality, as a list of samples: the first axis is always the batch
             pred = await run_in_threadpool(runtime.predict, {m: list(a) for m, a in arrays.items()})
@@ -388,9 +529,68 @@ def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None) -> FastAP
     if teach is not None:
         from mmcl_edge.runtime.teach_routes import add_teach_routes
 
-        async def read_request(request: Request):
-            req, binary = _split_body(await request.body(), request.headers)
-            return req, decode_inputs(req, binary, runtime)
+        async def read(request: Request):  # the same caps, timeout and thread as infer
+            return await read_request(request, runtime, limits)
 
-        app.state.learner = add_teach_routes(app, runtime, runtime.root, teach, read_request, check_model, _error)
+        app.state.learner = add_teach_routes(app, runtime, runtime.root, teach, read, check_model, _error)
     return app
+
+
+# the HTTP server -----------------------------------------------------------------------------------
+def _protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline for request line and headers (uvicorn has none: a
+    client trickling its headers would hold the connection forever) and JSON for malformed requests."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # bytes of a new request: its head has a deadline
+                self._arm_head_timer()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self._head_timer is not None:
+                self._head_timer.cancel()  # the head arrived
+                self._head_timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"{msg.rstrip('.')}: malformed, or its line and headers pass the size "
+                                        "limit"}).encode()
+            for event in (h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
+                                                                 (b"content-length", str(len(body)).encode()),
+                                                                 (b"connection", b"close")]),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
+def uvicorn_config(app, limits: ServerLimits | None = None, **kwargs):
+    """The uvicorn configuration that enforces ``limits`` at the connection level (h11 protocol,
+    header size and deadline, keep-alive, concurrency); ``kwargs`` go to ``uvicorn.Config``."""
+    import uvicorn
+
+    limits = limits or getattr(app.state, "limits", None) or ServerLimits()
+    return uvicorn.Config(app, http=_protocol(limits.header_timeout), h11_max_incomplete_event_size=limits.max_header_bytes,
+                          timeout_keep_alive=limits.keep_alive, limit_concurrency=limits.max_concurrency,
+                          **{"log_level": "warning", **kwargs})

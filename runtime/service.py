@@ -69,7 +69,7 @@ class Runtime:
                  trusted_keys=None, allow_downgrade: bool = False, workspace_id: str | None = None,
                  warmup_seconds: float = 10.0, limits: Limits | None = None,
                  allowed_ops=PackPolicy.allowed_ops, pack_providers: list[str] | str | None = "cpu"):
-        self.root = Path(workspace).expanduser().resolve()
+        self.root = layout.resolve_root(workspace)
         self.providers = prov.choose(providers)
         # A pack is ~170 tiny operators: on a GPU it is bound by kernel launches (H200: 1.0-1.75 ms
         # on CUDA vs 0.3 ms on its host CPU, benchmarks/README.md), so it runs on the CPU unless asked.

@@ -169,3 +169,141 @@ def test_data_validator_accepts_or_refuses_in_words(tmp_path_factory, n, t, c, y
             load_generic(d)
         except DataFormatError:
             pass
+
+
+# issue #16: one answer per sample, and files that cannot decide the memory ------------------------
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from mmcl_edge.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def write_wav(path, frames: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames.astype(np.int16).tobytes())
+
+
+@pytest.fixture(scope="module")
+def audio_image_ws(tmp_path_factory):
+    """A workspace on a real audio and a real grey-image modality (raw encodings: no CNN, seconds)."""
+    root = tmp_path_factory.mktemp("av-raw")
+    rng = np.random.default_rng(0)
+    y = np.arange(24) % 4
+    audio = np.stack([np.sin(2 * np.pi * (200 + 100 * c) * np.arange(4000) / 8000) for c in y]).astype(np.float32)
+    image = np.stack([np.roll(np.eye(8), c, axis=1) * 255 for c in y]).astype(np.float32)
+    audio += 0.1 * rng.normal(size=audio.shape).astype(np.float32)
+    (root / "data").mkdir()
+    for split_ in ("train", "test"):
+        np.savez(root / "data" / f"{split_}.npz", x_audio=audio, x_image=image, y=y)
+    (root / "data" / "modalities.json").write_text(json.dumps({
+        "audio": {"kind": "audio", "encoding": "raw", "sample_rate": 8000},
+        "image": {"kind": "image", "encoding": "raw", "image_size": 8}}))
+    r = cli("learn", "--data", root / "data", "-w", root / "ws", "--epochs", 1, "--classes-per-task", 4)
+    assert r.exit_code == 0, r.output
+    write_wav(root / "clip.wav", 10000 * audio[1], 8000)
+    from PIL import Image
+
+    Image.fromarray(image[1].astype(np.uint8)).save(root / "digit.png")
+    return root
+
+
+def predict_json(ws, *inputs, extra=()):
+    r = cli("predict", "-w", ws, "--json", *[a for i in inputs for a in ("-i", i)], *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_one_file_per_modality_is_one_answer(audio_image_ws):
+    """Old code: one 4000-sample clip was cut into 256-value 'samples' and got 16 answers."""
+    root = audio_image_ws
+    assert len(predict_json(root / "ws", f"audio={root / 'clip.wav'}")["labels"]) == 1
+    assert len(predict_json(root / "ws", f"audio={root / 'clip.wav'}", f"image={root / 'digit.png'}")["labels"]) == 1
+    assert len(predict_json(root / "ws", f"image={root / 'digit.png'}")["labels"]) == 1
+
+
+def test_a_huge_png_is_refused_not_cut_into_strips(audio_image_ws, tmp_path):
+    """Old code: a 5000 x 5000 PNG was cut into strips of 256 rows, past the 4096² pixel limit."""
+    from PIL import Image
+
+    Image.new("L", (5000, 5000)).save(tmp_path / "huge.png")
+    r = cli("predict", "-w", audio_image_ws / "ws", "--json", "-i", f"image={tmp_path / 'huge.png'}")
+    assert r.exit_code == 2 and "5000 x 5000 pixels" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_npz_of_grey_images_is_a_batch(audio_image_ws, tmp_path, n):
+    """Old code: x_image [N, 8, 8] from an .npz was 'ambiguous' (N = 1 and 3 are channel counts)."""
+    image = np.stack([np.roll(np.eye(8), c, axis=1) * 255 for c in range(n)]).astype(np.float32)
+    np.savez(tmp_path / "grey.npz", x_image=image)
+    doc = predict_json(audio_image_ws / "ws", tmp_path / "grey.npz")
+    assert len(doc["labels"]) == n and doc["modalities"] == ["image"]
+    np.savez(tmp_path / "both.npz", x_image=image, x_audio=np.zeros((n, 4000), np.float32))
+    assert len(predict_json(audio_image_ws / "ws", tmp_path / "both.npz")["labels"]) == n
+
+
+def test_npz_answers_once_per_sample_past_the_batch_limit(synthetic_ws, tmp_path):
+    x = {m: np.repeat(v, 75, axis=0) for m, v in batch_of(synthetic_ws).items()}  # 300 > max_batch 256
+    np.savez(tmp_path / "many.npz", **{f"x_{m}": v for m, v in x.items()})
+    doc = predict_json(synthetic_ws.root, tmp_path / "many.npz")
+    assert len(doc["labels"]) == 300 and len(doc["scores"]) == 300
+    assert len(predict_json(synthetic_ws.root, tmp_path / "many.npz", extra=("--samples", "7"))["labels"]) == 1
+    assert len(predict_json(synthetic_ws.root, tmp_path / "many.npz", extra=("--samples", "10:270"))["labels"]) == 260
+
+
+@pytest.mark.parametrize("frames,rate", [(8000, 1), (400_000, 1), (6100, 100)])
+def test_wav_header_is_checked_before_reading_or_resampling(tmp_path, frames, rate):
+    """Old code: a 16 KB WAV declaring 1 Hz was resampled to 64 M samples (1.4 GB) before any limit;
+    an 800 KB one asked for 23.8 GiB."""
+    from mmcl_edge.runtime.inputs import read_sample
+
+    path = tmp_path / "bomb.wav"
+    write_wav(path, np.zeros(frames), rate)
+    with pytest.raises(InputError, match="declares"):
+        read_sample(path, PreprocessSpec("audio", sample_rate=8000), Limits())
+
+
+def forged_npz(path, **members):
+    """An .npz whose members' headers claim the given shapes over a few bytes of data."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, (shape, data) in members.items():
+            f = io.BytesIO()
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", f.getvalue() + data)
+
+
+def test_npz_members_are_size_checked_and_unused_ones_never_read(synthetic_ws, tmp_path):
+    """Old code: a member claiming (2, 10^12) was a MemoryError traceback; every member was inflated."""
+    x = batch_of(synthetic_ws, 2)
+    m0, m1 = x
+    forged_npz(tmp_path / "huge.npz", **{f"x_{m0}": ((2, 10**12), x[m0].tobytes())})
+    r = cli("predict", "-w", synthetic_ws.root, "-i", tmp_path / "huge.npz")
+    assert r.exit_code == 2 and "declares shape (2, 1000000000000)" in r.output and "Traceback" not in r.output
+    # a member nobody asks for is never read, whatever it claims
+    forged_npz(tmp_path / "extra.npz", **{f"x_{m}": (v.shape, v.tobytes()) for m, v in x.items()},
+               junk=((2, 10**12), b""))
+    assert len(predict_json(synthetic_ws.root, tmp_path / "extra.npz")["labels"]) == 2
+
+
+def test_pickled_array_in_a_data_folder_is_one_data_error(tmp_path):
+    from mmcl_edge.data.generic import load_generic
+
+    d = tmp_path / "d"
+    d.mkdir()
+    x = np.empty(8, dtype=object)
+    x[:] = [np.zeros(3)] * 8
+    for split_ in ("train", "test"):
+        np.savez(d / f"{split_}.npz", x_accel=x, y=np.arange(8) % 2)
+    (d / "modalities.json").write_text(json.dumps({"accel": {"kind": "vector"}}))
+    with pytest.raises(DataFormatError, match="pickle"):
+        load_generic(d)
+    forged_npz(d / "train.npz", x_accel=((8, 10**12), b""), y=((8,), b"\0" * 32))
+    with pytest.raises(DataFormatError, match="declares shape"):
+        load_generic(d)

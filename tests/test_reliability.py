@@ -244,3 +244,96 @@ def test_empty_test_split_is_a_data_error(tmp_path):
     np.savez(d / "test.npz", x_accel=np.zeros((0, 50, 3), np.float32), y=np.zeros(0, int))
     with pytest.raises(DataFormatError, match="no samples"):
         load_generic(d)
+
+
+# issue #16: a full file system and unreadable files, each one line naming the path ------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real file system of 8 MiB (tmpfs), mounted for the test; skipped where mounting is not allowed."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(fs: Path, leave: int) -> None:
+    """Take all but ``leave`` bytes of the file system's free space."""
+    st = os.statvfs(fs)
+    with open(fs / "filler", "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def learn_on(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmcl_edge.cli.main", "learn", "--scenario", "synthetic-cil", "-w",
+                           str(root), "--epochs", "3"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+
+
+@pytest.mark.parametrize("stage", ["state", "taps"])
+def test_full_file_system_is_one_line_naming_the_file_and_leaves_no_temporary(synthetic_ws, small_fs, stage):
+    """Old code: a SafetensorError traceback during the state save; 'cannot write : No space left on
+    device' (no path) during tap extraction, with a taps/*/shard_*.tmp.npz left behind."""
+    root = small_fs / "ws"
+    shutil.copytree(synthetic_ws.root, root)
+    # back to the workspace as it was after task 1, so that learn's first write is task 2's
+    for p in (*(root / "state").glob("task_002.*"), layout.heldout_path(root, 2)):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(root / "packs" / "v0002")
+    layout.set_current(root, "v0001")
+    report = json.loads((root / "report.json").read_text())
+    report["accuracy_matrix"], report["tasks"] = report["accuracy_matrix"][:2], report["tasks"][:2]
+    (root / "report.json").write_text(json.dumps(report))
+    if stage == "taps":  # the last task's taps are gone: they are extracted again, and the shard is refused
+        shutil.rmtree(root / "taps")
+    fill(small_fs, leave=100 << 10 if stage == "state" else 2 << 10)  # the state is ~1 MB, a shard ~5 KB
+    proc = learn_on(root)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "Traceback" not in proc.stderr, \
+        proc.stderr
+    assert "No space left on device" in lines[0]
+    named = lines[0].split("cannot write ", 1)[1].split(":")[0]
+    assert named.startswith(str(root / ("state" if stage == "state" else "taps"))), lines[0]
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name], list(root.rglob("*tmp*"))
+    assert Workspace.open(root).learned_tasks() == 2
+    (small_fs / "filler").unlink()  # with room again, learn finishes the stream
+    assert learn_on(root).returncode == 0 and current_task(root) == 2
+
+
+def run_unprivileged(*args) -> subprocess.CompletedProcess:
+    """The CLI without the power to read what file permissions forbid (root drops CAP_DAC_*)."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv (util-linux) to drop root's file-permission override")
+        prefix = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                  "--bounding-set=-dac_override,-dac_read_search"]
+    return subprocess.run([*prefix, sys.executable, "-m", "mmcl_edge.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+
+
+@pytest.mark.parametrize("target,command", [("packs/v0002/pack.onnx", "predict"), ("workspace.json", "eval"),
+                                            ("backbones/m0.onnx", "predict"), ("state/task_002.safetensors", "eval")])
+def test_an_unreadable_file_is_cannot_read(synthetic_ws, tmp_path, target, command):
+    """Old code: 'cannot write <path>: Permission denied' for a file that could not be read."""
+    root = copy_ws(synthetic_ws, tmp_path)
+    sc = synthetic_ws.scenario()
+    np.savez(tmp_path / "x.npz", **{f"x_{m}": np.stack(sc.test.samples[m][:2]) for m in sc.specs})
+    (root / target).chmod(0)
+    proc = run_unprivileged(command, "-w", root, *(("-i", tmp_path / "x.npz") if command == "predict" else ()))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: cannot read {root / target}: Permission denied" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "cannot write" not in proc.stderr
+
+
+def test_a_symlink_loop_as_the_workspace_is_one_line(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for args in (("info", "-w", loop), ("eval", "-w", loop), ("predict", "-w", loop, "-i", "x.npz")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "error:" in r.output and "loop" in r.output.lower(), (args, r.output)

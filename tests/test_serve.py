@@ -23,7 +23,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'mmcl-edge[serve]'")
 
 from mmcl_edge.runtime import Runtime  # noqa: E402
-from mmcl_edge.runtime.server import create_app  # noqa: E402
+from mmcl_edge.runtime.server import create_app, uvicorn_config  # noqa: E402
 
 DEADLINE_S = 120  # an upper bound on waiting for a condition (never a timing assertion)
 
@@ -36,7 +36,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

@@ -181,7 +181,7 @@ def run_soak(root, minutes: float, threads: int = 4, samples: dict | None = None
     from mmcl_edge.runtime.errors import RuntimeUserError
     from mmcl_edge.runtime.latency import example_inputs
 
-    root = Path(root).expanduser().resolve()
+    root = layout.resolve_root(root)
     if minutes <= 0 or threads < 1:
         raise RuntimeUserError("--minutes must be > 0 and --threads >= 1")
     rss_start = rss_mb()

@@ -22,6 +22,7 @@ import numpy as np
 from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, TaskInput,
                                     class_incremental_tasks, domain_incremental_tasks)
 from mmcl_edge.preprocess import KINDS, PreprocessSpec
+from mmcl_edge.runtime.npz import NpzReader
 
 
 def _read_specs(folder: Path) -> tuple[dict[str, PreprocessSpec], list[str] | None]:
@@ -83,12 +84,10 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
     path = folder / f"{split}.npz"
     if not path.is_file():
         raise DataFormatError(f"{path} is missing")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as exc:  # zip errors, pickled object arrays ...
-        raise DataFormatError(f"{path} cannot be read as an .npz of plain arrays: {exc}") from None
-    with npz:
-        arrays = {k: npz[k] for k in npz.files}
+    with NpzReader(path, DataFormatError) as npz:  # only the members used, each size-checked first
+        wanted = ("y", "domain", *(f"x_{m}" for m in specs), *(k for k in npz.names if k.startswith("present_")))
+        arrays = {k: npz.read(k) for k in wanted if k in npz.names}
+        arrays.update({k: None for k in npz.names if k.startswith("x_") and k not in arrays})  # named, never read
     if "y" not in arrays:
         raise DataFormatError(f"{path} has no 'y' array of integer labels")
     y = arrays["y"]
