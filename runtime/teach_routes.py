@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -106,14 +107,14 @@ def add_teach_routes(app: FastAPI, runtime, workspace: Path, settings: TeachSett
         label = (req.get("parameters") or {}).get("label") if isinstance(req.get("parameters"), dict) else None
         if not isinstance(label, str) or not label.strip():
             return error("parameters.label must be a non-empty class name (a string)", 400)
-        try:
+        def store():  # checks, stacking and the fsynced write: off the event loop
             batches = runtime.validate({m: list(a) for m, a in arrays.items()})
-            import numpy as np
-
             n = len(next(iter(batches.values())))
             stacked = {m: np.stack(b) for m, b in batches.items()}
-            present = {m: np.ones(n, bool) for m in batches}
-            ack = await run_in_threadpool(inbox.append, stacked, present, label)
+            return inbox.append(stacked, {m: np.ones(n, bool) for m in batches}, label)
+
+        try:
+            ack = await run_in_threadpool(store)
         except InboxFull as exc:
             return error(str(exc), 409)
         except RuntimeUserError as exc:

@@ -171,9 +171,17 @@ def test_plain_http_json_with_output_selection_and_id(served, synthetic_ws):
     status, body = http("POST", f"{served.url}/v2/models/mmcl/infer", nested)
     assert status == 200, body
     assert {o["name"] for o in body["outputs"]} == {"labels", "scores", "class_index", "probabilities",
-                                                    "pack_version", "timings_ms"}
+                                                    "pack_version", "timings_ms", "novelty", "unknown"}
     probs = next(o for o in body["outputs"] if o["name"] == "probabilities")
     assert probs["shape"] == [3, 6] and len(probs["data"]) == 18
+    # every answer says how unfamiliar its sample is: 1 - top probability, and above the pack's threshold or not
+    novelty = next(o for o in body["outputs"] if o["name"] == "novelty")
+    unknown = next(o for o in body["outputs"] if o["name"] == "unknown")
+    assert novelty["datatype"] == "FP32" and unknown["datatype"] == "BOOL" and len(unknown["data"]) == 3
+    top = np.asarray(probs["data"]).reshape(3, 6).max(axis=1)
+    assert np.allclose(novelty["data"], 1 - top, atol=1e-5)
+    threshold = served.runtime.pack.novelty_threshold
+    assert unknown["data"] == [bool(v > threshold) for v in novelty["data"]]
     assert body["parameters"]["modalities"] == "m0,m1"
     # a sensor dropped out: its tensor is left out, and the answer says what it used
     only_m1 = {"inputs": [t for t in nested["inputs"] if t["name"] == "m1"]}
