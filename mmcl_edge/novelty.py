@@ -9,7 +9,8 @@ benchmarks/README.md), it separated unseen from seen classes as well or better a
 The threshold is chosen on training data: the ``1 - false_alarm`` quantile of the training
 samples' novelty, each computed leave-one-out (the ridge head's exact leave-one-out prediction,
 ``(f w - h y) / (1 - h)`` with ``h = f (G + lam I)^-1 f``), so a sample is not judged by a head
-that saw it. Each task sees only its own samples: the threshold is the sample-weighted mean of the
+that saw it; when the task's samples carry domain ids (``domain`` in the generic format: who or
+where they were recorded), a whole domain is left out at a time. Each task sees only its own samples: the threshold is the sample-weighted mean of the
 tasks' quantiles.
 """
 from __future__ import annotations
@@ -25,8 +26,16 @@ def novelty_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Each training sample's novelty under the ridge head fitted without it (exact for ridge)."""
+def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes: int,
+                          groups=None) -> torch.Tensor:
+    """Each training sample's novelty under the ridge head fitted without it (exact for ridge).
+
+    With ``groups`` (the task's domain ids, e.g. the people recorded) and at least two of them, a
+    whole group is left out at a time: a familiar class seen on a person the head never saw is
+    what the device meets after deployment, and one left-out trial of a person whose other trials
+    stayed in is far more familiar than that. ``(I - H_gg)^-1 (F_g w - H_gg Y_g)`` per group, with
+    ``H = F (G + lam I)^-1 F^T`` (Woodbury).
+    """
     g = head.gram.double()
     d = g.shape[0]
     lam = head.ridge * torch.trace(g) / d
@@ -35,10 +44,19 @@ def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes:
     if int(info) != 0:
         return novelty_from_logits(head(feats)[:, :n_classes])
     solved = torch.cholesky_solve(f.T, chol)                  # (G + lam I)^-1 f^T, [D, N]
-    h = (f * solved.T).sum(-1).clamp(max=1 - 1e-6)             # leverage of each sample
     fitted = f @ head.weight.double()[:, :n_classes]
     onehot = torch.nn.functional.one_hot(y, n_classes).double()
-    loo = (fitted - h[:, None] * onehot) / (1 - h)[:, None]
+    loo = torch.empty_like(fitted)
+    ids = None if groups is None else torch.as_tensor(groups)
+    if ids is not None and len(torch.unique(ids)) >= 2:
+        for gid in torch.unique(ids):
+            idx = torch.nonzero(ids == gid).flatten()
+            h = f[idx] @ solved[:, idx]                          # [n_g, n_g]
+            eye = torch.eye(len(idx), dtype=h.dtype)
+            loo[idx] = torch.linalg.solve(eye - h + 1e-9 * eye, fitted[idx] - h @ onehot[idx])
+    else:
+        h = (f * solved.T).sum(-1).clamp(max=1 - 1e-6)         # leverage of each sample
+        loo = (fitted - h[:, None] * onehot) / (1 - h)[:, None]
     return novelty_from_logits((loo * head.logit_scale).float())
 
 

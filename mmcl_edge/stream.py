@@ -78,7 +78,7 @@ class TapSource:
             seconds += stats.seconds
             extracted += stats.extracted
         present = None if all(mk.all() for mk in masks) else np.stack(masks, axis=1).astype(np.float32)
-        return TaskData(out, np.asarray(y, dtype=np.int64), present), seconds, extracted
+        return TaskData(out, np.asarray(y, dtype=np.int64), present, ds.domain), seconds, extracted
 
     def taps(self, split: str, idx: np.ndarray, label_map: dict[int, int], what: str = "") -> tuple[TaskData, float, int]:
         """Taps of samples ``idx`` of the scenario's ``split``, labels mapped to head indices."""

@@ -193,7 +193,8 @@ class AdapterLearner(Learner):
             head.update(f, y, weight)
         head.solve()
         n_seen = self.model.head.num_outputs
-        self.model.novelty.add(leave_one_out_novelty(head, after[0], y, n_seen), self.cfg.novelty.false_alarm)
+        self.model.novelty.add(leave_one_out_novelty(head, after[0], y, n_seen, data.groups),
+                               self.cfg.novelty.false_alarm)
 
     @torch.no_grad()
     def logits(self, data: TaskData) -> np.ndarray:

@@ -17,6 +17,7 @@ class TaskData:
     taps: dict[str, list[np.ndarray]]   # modality -> one [N, tokens, dim] array per tap
     y: np.ndarray                       # [N] head indices
     present: np.ndarray | None = None   # [N, M] 1 = the modality was there
+    groups: np.ndarray | None = None    # [N] domain ids (who/where recorded), when the data has them
 
     def __len__(self) -> int:
         return len(self.y)
@@ -26,7 +27,8 @@ class TaskData:
 
     def subset(self, idx) -> "TaskData":
         return TaskData({m: [t[idx] for t in ts] for m, ts in self.taps.items()}, self.y[idx],
-                        None if self.present is None else self.present[idx])
+                        None if self.present is None else self.present[idx],
+                        None if self.groups is None else self.groups[idx])
 
     def only(self, modalities: list[str]) -> "TaskData":
         """The same samples seen through some of the modalities."""
