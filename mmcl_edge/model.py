@@ -34,7 +34,8 @@ class MMCLModel(nn.Module):
             raise ValueError(f"unknown head {head_mode!r}: use linear or analytic")
         self.analytic = StreamingRidgeHead(self.feature_dim(), n_classes, ridge) if head_mode == "analytic" else None
         # the threshold above which an answer is "unknown" (mmcl_edge/novelty.py); calibrated per task
-        self.novelty = NoveltyThreshold(novelty.get("threshold", 0.0), novelty.get("calibration_samples", 0)) \
+        self.novelty = NoveltyThreshold(novelty.get("threshold", 0.0), novelty.get("calibration_samples", 0),
+                                        novelty.get("calibrated_on", "training (leave-one-out)")) \
             if novelty else NoveltyThreshold()
 
     def grow_classes(self, n_seen: int) -> None:

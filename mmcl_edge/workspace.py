@@ -474,6 +474,7 @@ class Workspace:
         prev_pred = {j: learner.predict(h) for j, h in earlier} if k else {}
         row, info = learn_one_task(learner, k, train, len(classes), heldouts)
         gate = forgetting_gate(learner, earlier, prev_pred, classes, max_forgetting)
+        calibrate_novelty(learner, heldouts, self.config.novelty.false_alarm)
         record = {"index": k, "name": task.name or f"task {k}", "classes": [task.names[int(c)] for c in np.unique(task.train.y)],
                   "classes_added": classes[len(before):], "samples_per_class": task.samples_per_class(),
                   "heldout_samples": 0 if held is None else int(len(held)), "origin": task.origin,
@@ -572,6 +573,19 @@ def forgetting_gate(learner, earlier: list[tuple[int, TaskData]], prev_pred: dic
 
 
 GATE_SIGNIFICANCE = 0.05
+
+
+def calibrate_novelty(learner, heldouts: list[TaskData | None], false_alarm: float) -> None:
+    """Set the "unknown" threshold from every held-out sample kept so far (mmcl_edge/novelty.py)."""
+    import torch
+
+    from mmcl_edge.novelty import novelty_from_logits
+
+    kept = [h for h in heldouts if h is not None and len(h)]
+    if not kept or getattr(learner.model, "analytic", None) is None:
+        return
+    scores = torch.cat([novelty_from_logits(torch.from_numpy(learner.logits(h))) for h in kept])
+    learner.model.novelty.set_from_heldout(scores, false_alarm)
 
 
 def mcnemar_one_sided(lost: int, gained: int) -> float:

@@ -100,29 +100,44 @@ def baseline_stream(name: str, ws_root: Path, folders: list[Path]) -> dict:
     return run_tasks(tasks, learner, src).report()
 
 
-def novelty_scores(ws_root: Path, known_tasks: int) -> dict:
-    """The model after ``known_tasks`` tasks scores held-out samples of its classes and of later
-    ones, as its pack does (1 - top probability, threshold from the pack's manifest)."""
+def novelty_scores(ws_root: Path, known_tasks: int, fresh: Path | None = None) -> dict:
+    """The model after ``known_tasks`` tasks scores samples of the classes it learned and of the
+    classes it never saw, as its pack does (1 - top probability vs the manifest's threshold).
+
+    ``fresh``: a task folder of samples used neither for learning nor for the threshold (the new
+    subject); without it the workspace's held-out data is scored, which also set the threshold.
+    """
     from mmcl_edge.learners import AdapterLearner
+    from mmcl_edge.stream import task_taps
     from mmcl_edge.workspace import Workspace
 
     ws = Workspace.open(ws_root)
     model = ws.load_model(known_tasks - 1)
     learner = AdapterLearner(ws.config, ws.tap_source().modality_taps, ws.setting, 0, model=model)
-    seen, unseen = [], []
-    for k in range(ws.learned_tasks()):
-        held = ws.heldout(k)
-        if held is None:
-            continue
-        logits = learner.logits(held)
+    known = set(ws.class_names(known_tasks - 1))
+
+    def novelty(data):
+        logits = learner.logits(data)
         z = np.exp(logits - logits.max(1, keepdims=True))
-        score = 1.0 - (z / z.sum(1, keepdims=True)).max(1)
-        (seen if k < known_tasks else unseen).append(score)
-    s, u = np.concatenate(seen), np.concatenate(unseen)
+        return 1.0 - (z / z.sum(1, keepdims=True)).max(1)
+
+    if fresh is not None:
+        _, task = read_task_folder(fresh)
+        data = task_taps(ws.tap_source(), task, ws.class_names())[0]
+        score = novelty(data)
+        is_known = np.array([n in known for n in task.label_names(task.train)])
+        s, u, where = score[is_known], score[~is_known], f"{fresh.name} (never learned from, never used for the threshold)"
+    else:
+        seen, unseen = [], []
+        for k in range(ws.learned_tasks()):
+            held = ws.heldout(k)
+            if held is not None:
+                (seen if k < known_tasks else unseen).append(novelty(held))
+        s, u, where = np.concatenate(seen), np.concatenate(unseen), "held-out data (also what set the threshold)"
     thr = model.novelty.threshold
     return {"auroc": auroc(s, u), "seen_flagged": float(np.mean(s > thr)), "unseen_flagged": float(np.mean(u > thr)),
-            "threshold": thr, "seen_samples": int(len(s)), "unseen_samples": int(len(u)),
-            "known_classes": model.head.num_outputs}
+            "threshold": thr, "calibrated_on": model.novelty.source, "seen_samples": int(len(s)),
+            "unseen_samples": int(len(u)), "known_classes": len(known), "measured_on": where}
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -308,7 +323,8 @@ def run_teach_bench(scenario: str, data_dir: str | None, shots: list[int | None]
             f"  gate would refuse tasks {[g['task'] for g in run['gate'] if g['would_refuse']]}")
         if k is None:
             known = (2 * len(sc.tasks)) // 3
-            run["novelty"] = novelty_scores(root / "ws", known)
+            run["novelty"] = novelty_scores(root / "ws", known,
+                                            folders[-1] if len(folders) > len(sc.tasks) else None)
             say(f"  novelty after {known} tasks: {run['novelty']}")
         if serve and k == 5:
             run["teach_to_serve"] = teach_to_serve(copy, folders[last_new])
