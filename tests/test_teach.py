@@ -160,7 +160,8 @@ def test_novelty_flags_classes_never_taught_and_few_familiar_ones(tmp_path, arra
     assert invoke("teach", "-w", ws, day_folder(tmp_path / "d1", arrays, [0, 1, 2, 3], 0), "--epochs", 3).exit_code == 0
     rt = Runtime(ws)
     manifest = rt.pack.manifest["novelty"]
-    assert manifest["method"] == "max-softmax" and 0 < manifest["threshold"] < 1 and manifest["calibration_samples"] == 80
+    assert manifest["method"] == "max-softmax" and 0 < manifest["threshold"] < 1
+    assert manifest["calibrated_on"] == "held-out" and manifest["calibration_samples"] == 40  # day1's test.npz
     seen = np.flatnonzero((arrays["y"] < 4) & (arrays["domain"] == 0))[-80:]
     unseen = np.flatnonzero(arrays["y"] >= 4)
     ps = rt.predict({m: list(arrays[f"x_{m}"][seen]) for m in SPECS})
