@@ -14,19 +14,24 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("image", "audio", "timeseries", "video", "vector")
+from mmcl_edge import text
+
+KINDS = ("image", "audio", "timeseries", "video", "vector", "text")
 
 # How each kind can be encoded before its frozen backbone; the first is the default.
 #   cnn          an image (or one image per frame) for the pre-trained CNN
 #   rocket       the z-scored series for a fixed random-convolution encoder (ROCKET-style)
 #   spectrogram  per-channel log-spectrograms stacked into one image for the CNN
-#   raw          the signal itself, small and z-scored: no pre-trained model (the raw-ridge baseline)
+#   raw          the signal itself, small and z-scored: no pre-trained model (the raw-ridge baseline);
+#                for text a hashed bag of words (mmcl_edge.text)
+#   tokens       token ids and mask for the pre-trained sentence encoder (mmcl_edge.text)
 ENCODINGS = {
     "image": ("cnn", "raw"),
     "audio": ("cnn", "raw"),
     "timeseries": ("rocket", "spectrogram", "raw"),
     "video": ("cnn", "raw"),
     "vector": ("identity",),
+    "text": ("tokens", "raw"),
 }
 # Video runs the CNN once per frame: smaller frames keep a 16-frame clip affordable on a CPU.
 DEFAULT_IMAGE_SIZE = {"video": 64}
@@ -56,6 +61,11 @@ class PreprocessSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown modality kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind == "text":  # text options live in ``options``: the fields above stay as they were
+            max_tokens = self.options.get("max_tokens", text.DEFAULT_MAX_TOKENS)
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 2 <= max_tokens <= 512:
+                raise ValueError(f"max_tokens must be an integer in [2, 512], not {max_tokens!r}")
+            object.__setattr__(self, "options", {**self.options, "max_tokens": max_tokens})
         if not self.image_size:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZE.get(self.kind, 96))
         if not self.encoding:
@@ -285,6 +295,14 @@ def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).reshape(-1)
 
 
+def text_tokens(x, spec: PreprocessSpec) -> np.ndarray:
+    """A string -> ``[2, max_tokens]`` token ids and mask (``tokens``) or a hashed bag of words
+    ``[HASHED_DIM]`` (``raw``); see ``mmcl_edge.text``."""
+    if spec.encoding == "raw":
+        return text.hashed_bag_of_words(x)
+    return text.token_ids([x], spec.options["max_tokens"], spec.options.get("tokenizer_file"))[0]
+
+
 def _raw_image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """``raw`` encoding of images and audio: the backbone input shrunk to 16 x 16 grey, z-scored."""
     full = _FUNCTIONS[spec.kind](x, spec)[0]
@@ -292,7 +310,8 @@ def _raw_image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return ((small - small.mean()) / (small.std() + 1e-6)).astype(np.float32)
 
 
-_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "video": video, "vector": vector}
+_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "video": video, "vector": vector,
+              "text": text_tokens}
 
 
 def preprocess(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -304,4 +323,6 @@ def preprocess(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def preprocess_batch(samples, spec: PreprocessSpec) -> np.ndarray:
     """Preprocess a sequence of raw samples into one stacked float32 batch."""
+    if spec.kind == "text" and spec.encoding == "tokens":  # one tokenizer call; no all-padding columns
+        return text.trim_padding(text.token_ids(samples, spec.options["max_tokens"], spec.options.get("tokenizer_file")))
     return np.stack([preprocess(s, spec) for s in samples]).astype(np.float32)

@@ -2,7 +2,8 @@
 from mmcl_edge.data.dataset import DataFormatError, MultiModalDataset, Scenario, Task
 
 # The built-in task streams (synthetic-* are small and made up, for tests and quick tries).
-SCENARIOS = ("avdigits-cil", "avdigits-dil", "utd-mhad-cil", "utd-mhad-dil", "synthetic-cil", "synthetic-dil")
+SCENARIOS = ("avdigits-cil", "avdigits-dil", "utd-mhad-cil", "utd-mhad-dil", "clothing-cil", "synthetic-cil",
+             "synthetic-dil")
 
 __all__ = ["SCENARIOS", "DataFormatError", "MultiModalDataset", "Scenario", "Task", "load_scenario"]
 
@@ -19,6 +20,9 @@ def load_scenario(name: str | None = None, *, data: str | None = None, data_dir:
     if name in ("utd-mhad-cil", "utd-mhad-dil"):
         from mmcl_edge.data.utdmhad import load_utd_mhad
         return load_utd_mhad("class-il" if name.endswith("cil") else "domain-il", data_dir=data_dir, seed=seed)
+    if name == "clothing-cil":
+        from mmcl_edge.data.clothing import load_clothing
+        return load_clothing(data_dir=data_dir, seed=seed)
     if name == "synthetic-cil" or name == "synthetic-dil":
         from mmcl_edge.data.synthetic import synthetic_scenario
         return synthetic_scenario("class-il" if name.endswith("cil") else "domain-il", seed=seed)
