@@ -289,34 +289,18 @@ class TinyConvBackbone(TappedBackbone):
 
 
 class VectorBackbone(TappedBackbone):
-    """``vector`` modalities: the feature vector itself is the single tap (1 token), standardised.
-
-    Tabular features come on any scale (an age of 20-90 beside a rating of 1-5 and a count in the
-    hundreds); the adapters and the ridge head would see only the largest. Given ``reference`` samples
-    (the first task's training data), each feature is centred and divided by its standard deviation
-    there (a constant feature is only centred). The statistics are buffers: part of the backbone's
-    identity and of its ONNX graph, so the runtime applies exactly the same scaling.
-    """
+    """Identity for ``vector`` modalities: the feature vector itself is the single tap (1 token)."""
 
     name = "identity"
 
-    def __init__(self, dim: int, reference: np.ndarray | None = None):
+    def __init__(self, dim: int):
         super().__init__()
         self.input_shape = (dim,)
         self.taps = (TapSpec("vector", 1, dim),)
         self.register_buffer("_dim", torch.tensor(dim), persistent=True)
-        self.standardised = reference is not None
-        if self.standardised:  # without a reference: unscaled, as before 0.4 (and the same identity)
-            ref = np.asarray(reference, dtype=np.float64).reshape(-1, dim)
-            std = ref.std(axis=0)
-            self.register_buffer("mean", torch.tensor(ref.mean(axis=0), dtype=torch.float32))
-            self.register_buffer("scale", torch.tensor(np.where(std > 1e-8, 1.0 / np.maximum(std, 1e-8), 1.0),
-                                                       dtype=torch.float32))
         self.freeze()
 
     def forward(self, x):
-        if self.standardised:
-            x = (x - self.mean) * self.scale
         return (x.unsqueeze(1) * 1.0,)
 
 

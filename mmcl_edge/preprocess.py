@@ -6,6 +6,7 @@ array shaped like its backbone's input (``[3, S, S]`` images for the CNN, ``[D]`
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -291,8 +292,30 @@ def video(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Feature vectors pass through as float32 (flattened)."""
-    return np.asarray(x, dtype=np.float32).reshape(-1)
+    """Feature vectors as float32 (flattened), standardised per feature when the spec carries the
+    statistics (``fit_vector_scaling``)."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    if "mean" in spec.options:
+        mean = np.asarray(spec.options["mean"], np.float32)
+        if mean.shape != x.shape:
+            raise ValueError(f"a vector of {x.size} features, but the modality has {mean.size}")
+        x = (x - mean) * np.asarray(spec.options["scale"], np.float32)
+    return x
+
+
+def fit_vector_scaling(spec: PreprocessSpec, samples) -> PreprocessSpec:
+    """A ``vector`` spec that standardises each feature with the mean and standard deviation of
+    ``samples`` (the first task's): tabular features on any scale (an age of 20-90 beside a rating of
+    1-5 and a count in the hundreds) weigh alike. A constant feature is only centred. The statistics
+    go into ``options``, so they are saved with the workspace, exported with the backbone and applied
+    by the runtime through this module. Other kinds, a spec already fitted, no samples, or
+    ``"standardise": false`` in modalities.json: the spec as it is."""
+    if spec.kind != "vector" or "mean" in spec.options or spec.options.get("standardise") is False or not len(samples):
+        return spec
+    x = np.stack([vector(s, spec) for s in samples]).astype(np.float64)
+    std = x.std(axis=0)
+    scale = np.where(std > 1e-8, 1.0 / np.maximum(std, 1e-8), 1.0)
+    return dataclasses.replace(spec, options={**spec.options, "mean": x.mean(axis=0).tolist(), "scale": scale.tolist()})
 
 
 def text_tokens(x, spec: PreprocessSpec) -> np.ndarray:

@@ -265,46 +265,45 @@ def test_runtime_refuses_a_changed_tokenizer_and_non_text(text_ws, tmp_path):
 
 
 # vectors on any scale -------------------------------------------------------------------------------
-def test_vector_standardisation_is_scale_invariant_and_exported(tmp_path):
-    import onnxruntime as ort
-    import torch
-
-    from mmcl_edge.export.backbone_export import export_backbone
-    from mmcl_edge.taps import backbone_for
+def test_vector_standardisation_is_scale_invariant():
+    from mmcl_edge.preprocess import fit_vector_scaling
 
     rng = np.random.default_rng(0)
     ref = np.stack([rng.uniform(20, 90, 50), rng.integers(1, 6, 50), rng.integers(0, 500, 50), np.ones(50)], 1)
-    x = ref[:7].astype(np.float32)
-    spec = PreprocessSpec("vector")
-    bb = backbone_for(spec, ref[0], reference=list(ref))
     units = np.array([1000.0, 0.01, 3.0, 1.0])          # the same data in other units, and shifted
-    bb2 = backbone_for(spec, ref[0], reference=list(ref * units + 5.0))
-    with torch.inference_mode():
-        a = bb(torch.from_numpy(x))[0].numpy()
-        b = bb2(torch.from_numpy((x * units + 5.0).astype(np.float32)))[0].numpy()
-    np.testing.assert_allclose(a, b, atol=1e-3)
-    z = bb(torch.from_numpy(ref.astype(np.float32)))[0].numpy()[:, 0]
+    spec = fit_vector_scaling(PreprocessSpec("vector"), list(ref))
+    other = fit_vector_scaling(PreprocessSpec("vector"), list(ref * units + 5.0))
+    a = preprocess_batch(list(ref[:7]), spec)
+    b = preprocess_batch(list(ref[:7] * units + 5.0), other)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    z = preprocess_batch(list(ref), spec)
     np.testing.assert_allclose(z[:, :3].mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(z[:, :3].std(0), 1, atol=1e-3)
     assert np.all(z[:, 3] == 0)                           # a constant feature: centred, never divided by 0
-    assert bb.identity() != bb2.identity()                # the statistics are part of what taps are keyed by
-    export_backbone(bb, tmp_path / "v.onnx")
-    got = ort.InferenceSession(str(tmp_path / "v.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, a, atol=1e-5)         # the runtime scales exactly as the learner
+    assert spec.digest() != other.digest()                # cached taps are keyed by the statistics
+    assert fit_vector_scaling(spec, list(ref * 7)) == spec   # fitted once: later data never refits it
+    kept = PreprocessSpec("vector", options={"standardise": False})
+    assert fit_vector_scaling(kept, list(ref)) == kept    # opted out in modalities.json
+    with pytest.raises(ValueError, match="the modality has 4"):
+        preprocess(np.zeros(3), spec)
 
 
-def test_workspace_vector_is_standardised_from_the_first_task(text_ws):
+def test_workspace_vectors_are_standardised_from_the_first_task_in_learner_and_runtime(text_ws):
     from mmcl_edge.data import load_scenario
-    from mmcl_edge.stream import TapSource
+    from mmcl_edge.runtime import Runtime
 
     ws, data = text_ws
     sc = load_scenario(data=str(data), classes_per_task=2)
-    src = TapSource(sc, ws / "taps")
     first = np.stack([sc.train.samples["shopper"][i] for i in sc.tasks[0].train_idx])
-    bb = src.backbones["shopper"]
-    np.testing.assert_allclose(bb.mean.numpy(), first.mean(0), rtol=1e-5)
-    entry = json.loads((ws / "backbones" / "backbones.json").read_text())["modalities"]["shopper"]
-    assert entry["identity"] == bb.identity()
+    spec = sc.specs["shopper"]
+    np.testing.assert_allclose(spec.options["mean"], first.mean(0), rtol=1e-6)
+    saved = json.loads((ws / "workspace.json").read_text())["modalities"]["shopper"]
+    assert saved["options"]["mean"] == spec.options["mean"]   # kept in the workspace ...
+    rt = Runtime(ws)
+    assert rt.backbones.specs["shopper"] == spec               # ... exported with the backbone
+    test = sc.test.samples["shopper"]
+    np.testing.assert_array_equal(rt.backbones.preprocess("shopper", test), preprocess_batch(test, spec))
+    assert np.abs(preprocess_batch(list(first), spec)).max() < 10   # counts in the hundreds: now O(1)
 
 
 # the clothing-cil scenario ---------------------------------------------------------------------------

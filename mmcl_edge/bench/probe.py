@@ -60,7 +60,7 @@ def probe_encoders(scenario: Scenario, cache_root: Path, progress: Callable | No
     for m, spec in scenario.specs.items():
         for enc in (encodings or {}).get(m) or ENCODINGS[spec.kind]:
             s = dataclasses.replace(spec, encoding=enc)
-            backbone = backbone_for(s, scenario.train.samples[m][0], reference=scenario.train.samples[m])
+            backbone = backbone_for(s, scenario.train.samples[m][0])
             feats, seconds = {}, 0.0
             for split, ds in (("train", scenario.train), ("test", scenario.test)):
                 start = time.perf_counter()

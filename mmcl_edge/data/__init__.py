@@ -10,7 +10,17 @@ __all__ = ["SCENARIOS", "DataFormatError", "MultiModalDataset", "Scenario", "Tas
 
 def load_scenario(name: str | None = None, *, data: str | None = None, data_dir: str | None = None,
                   setting: str = "class-il", classes_per_task: int = 2, seed: int = 0) -> Scenario:
-    """One entry point for the built-in scenarios and for user data in the generic format."""
+    """One entry point for the built-in scenarios and for user data in the generic format. Vector
+    modalities are standardised with the statistics of the first task's training data."""
+    from mmcl_edge.data.dataset import scaled_specs
+
+    sc = _load(name, data, data_dir, setting, classes_per_task, seed)
+    if sc.tasks:
+        sc.specs = scaled_specs(sc.specs, sc.train.subset(sc.tasks[0].train_idx))
+    return sc
+
+
+def _load(name, data, data_dir, setting, classes_per_task, seed) -> Scenario:
     if data is not None:
         from mmcl_edge.data.generic import load_generic
         return load_generic(data, setting=setting, classes_per_task=classes_per_task, seed=seed)
