@@ -347,3 +347,15 @@ def test_generic_format_refuses_numbers_for_a_text_modality(tmp_path):
     np.savez(data / "train.npz", **{**arrays, "x_note": np.zeros(len(arrays["y"]))})
     with pytest.raises(DataFormatError, match="unicode string array"):
         load_generic(data)
+
+
+def test_bench_encoders_covers_both_text_encodings(text_ws, tmp_path):
+    from mmcl_edge.bench.probe import probe_encoders
+    from mmcl_edge.data import load_scenario
+
+    _, data = text_ws
+    result = probe_encoders(load_scenario(data=str(data), classes_per_task=2), tmp_path / "cache")
+    rows = {(r["modality"], r["encoding"]): r for r in result["rows"]}
+    assert {("note", "tokens"), ("note", "raw"), ("title", "tokens"), ("title", "raw"), ("shopper", "identity")} == set(rows)
+    assert rows[("note", "tokens")]["backbone"] == "minilm-l6" and rows[("note", "raw")]["feature_dim"] == text.HASHED_DIM
+    assert rows[("note", "tokens")]["test_accuracy"] > 0.8     # three classes told apart by their words
