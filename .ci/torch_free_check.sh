@@ -117,4 +117,29 @@ assert answer["id"] == "ci" and answer["parameters"]["pack_version"] == 2, answe
 assert "mmcl_pack_version 2.0" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
 print("  labels", labels, "from pack v%04d" % answer["parameters"]["pack_version"])
 PY
+step "text: a workspace with a text modality, predicted in the device venv (tokenizers, no torch)"
+"$PY" - "$WORK" <<'PY'
+import json, sys
+import numpy as np
+work = sys.argv[1]
+rng = np.random.default_rng(0)
+words = {0: "dress gown skirt hem", 1: "jeans denim pants waist", 2: "coat jacket hood zipper"}
+for split, n in (("train", 10), ("test", 3)):
+    notes = [" ".join(rng.choice(words[c].split() + ["size", "fits", "love"], 8)) for c in words for _ in range(n)]
+    np.savez(f"{work}/text-{split}.npz", x_note=np.array(notes), x_stars=rng.uniform(1, 5, (len(notes), 1)).astype(np.float32),
+             y=np.repeat(list(words), n))
+import os, shutil
+os.makedirs(f"{work}/textdata")
+for split in ("train", "test"):
+    shutil.move(f"{work}/text-{split}.npz", f"{work}/textdata/{split}.npz")
+json.dump({"note": {"kind": "text", "max_tokens": 16}, "stars": {"kind": "vector"}}, open(f"{work}/textdata/modalities.json", "w"))
+PY
+"$PY" -m mmcl_edge.cli.main learn --data "$WORK/textdata" --classes-per-task 2 --epochs 2 -w "$WORK/ws-text" > "$WORK/learn-text.log" 2>&1 \
+  || { cat "$WORK/learn-text.log"; exit 1; }
+"$PY" -m mmcl_edge.cli.main predict -w "$WORK/ws-text" -i "$WORK/textdata/test.npz" --json > "$WORK/text-expected.json"
+"$DEV" predict -w "$WORK/ws-text" -i "$WORK/textdata/test.npz" --json > "$WORK/text-pred.json"
+"$DPY" -c "import json,sys; a,b=(json.load(open(p))['labels'] for p in sys.argv[1:]); assert a==b,(a,b); print('  text labels', a)" \
+  "$WORK/text-pred.json" "$WORK/text-expected.json"
+"$DEV" predict -w "$WORK/ws-text" -i "note=a denim jeans with a high waist" --json > /dev/null
+
 echo "torch-free check passed"

@@ -369,7 +369,7 @@ def bench_latency(
     if have_onnx:
         from mmcl_edge.export.flops import count_flops, reference_gflops
 
-        result["backbone_flops"] = {m: count_flops(bb_dir / e["file"])["flops"] for m, e in rt.backbones.index.items()}
+        result["backbone_flops"] = {m: count_flops(bb_dir / e["file"], sample_shape=e["input_shape"])["flops"] for m, e in rt.backbones.index.items()}
         result["reference_gflops"] = reference_gflops(threads)
     else:
         err.print("note: FLOPs not counted: the onnx package is not installed (the learn extra)", highlight=False)

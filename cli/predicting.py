@@ -14,7 +14,8 @@ from mmcl_edge.errors import WorkspaceError
 def predict(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
             input_: list[str] = typer.Option([], "--input", "-i",
                                              help="A .npz in the generic format (x_<modality> arrays), or "
-                                                  "MODALITY=FILE per modality (.wav, .png/.jpg, .npy, .csv)."),
+                                                  "MODALITY=FILE per modality (.wav, .png/.jpg, .npy, .csv); "
+                                                  "for a text modality MODALITY=\"the words\" or MODALITY=@file.txt."),
             provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
             trusted_key: list[Path] = typer.Option([], "--trusted-key",

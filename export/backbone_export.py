@@ -9,6 +9,7 @@ identity with the precision as suffix; ``base_identity`` and ``fp32_file`` keep 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ INDEX_FILE = "backbones.json"
 def export_backbone(backbone: TappedBackbone, path: Path) -> str:
     """Backbone -> ONNX with input ``x [batch, *input_shape]`` and one output per tap."""
     example = (torch.zeros(2, *backbone.input_shape),)
-    return export_onnx(backbone, example, path, [INPUT_NAME], [t.name for t in backbone.taps])
+    return export_onnx(backbone, example, path, [INPUT_NAME], [t.name for t in backbone.taps],
+                       free_axes=backbone.free_axes)
 
 
 def backbone_entry(modality: str, backbone: TappedBackbone, spec: PreprocessSpec, file: str, sha: str) -> dict:
@@ -34,6 +36,17 @@ def backbone_entry(modality: str, backbone: TappedBackbone, spec: PreprocessSpec
             "base_identity": backbone.identity(), "precision": "fp32", "file": file,
             "sha256": sha, "input": INPUT_NAME, "input_shape": list(backbone.input_shape), "opset": OPSET,
             "taps": [vars(t) for t in backbone.taps], "preprocess": spec.to_dict()}
+
+
+def _export_tokenizer(folder: Path, modality: str, spec: PreprocessSpec) -> dict:
+    """A text modality's tokenizer travels with its backbone: the runtime tokenises with this copy."""
+    if spec.kind != "text" or spec.encoding != "tokens":
+        return {}
+    from mmcl_edge.text import packaged_tokenizer
+
+    file = f"{modality}.tokenizer.json"
+    shutil.copyfile(spec.options.get("tokenizer_file") or packaged_tokenizer(), folder / file)
+    return {"tokenizer": {"file": file, "sha256": sha256_file(folder / file)}}
 
 
 def read_index(folder: Path) -> dict:
@@ -62,6 +75,7 @@ def ensure_backbones(folder: Path, backbones: dict[str, TappedBackbone], specs: 
         start = time.perf_counter()
         sha = export_backbone(bb, folder / file)
         entry = backbone_entry(m, bb, specs[m], file, sha)
+        entry.update(_export_tokenizer(folder, m, specs[m]))
         entry["export_seconds"] = round(time.perf_counter() - start, 2)
         precision = entry_precision(have) if have else "fp32"
         if (precision != "fp32" and same and (folder / have["file"]).is_file()

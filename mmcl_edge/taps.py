@@ -19,11 +19,13 @@ import torch
 from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
 from mmcl_edge.preprocess import PreprocessSpec, preprocess, preprocess_batch
 from mmcl_edge.runtime import layout
+from mmcl_edge.text import as_text
 
 # (kind, encoding) -> the frozen backbone used unless modalities.json names another ("backbone")
 DEFAULT_BACKBONES = {("image", "cnn"): "efficientnet-lite0", ("audio", "cnn"): "efficientnet-lite0",
                      ("timeseries", "spectrogram"): "efficientnet-lite0", ("timeseries", "rocket"): "rocket",
-                     ("video", "cnn"): "efficientnet-lite0-video", ("vector", "identity"): "identity"}
+                     ("video", "cnn"): "efficientnet-lite0-video", ("vector", "identity"): "identity",
+                     ("text", "tokens"): "minilm-l6"}
 
 
 def backbone_for(spec: PreprocessSpec, example: np.ndarray | None, name: str | None = None,
@@ -32,7 +34,7 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray | None, name: str | N
 
     Backbones get the input geometry they ask for (by parameter name), read off the spec and one
     preprocessed example (or its ``shape``, as a workspace remembers it): ``image_size``, ``frames``,
-    ``channels``/``length`` (series), ``input_shape`` and ``dim``.
+    ``channels``/``length`` (series), ``input_shape``, ``dim`` and ``max_tokens`` (text).
     """
     if spec.encoding == "raw":
         name = "raw"
@@ -42,7 +44,8 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray | None, name: str | N
         return create_backbone(name)  # the registry's own "unknown backbone" error
     shape = tuple(shape) if shape is not None else preprocess(example, spec).shape
     offered = {"image_size": spec.image_size, "frames": spec.frames, "input_shape": shape,
-               "dim": int(np.prod(shape)), "channels": shape[0], "length": shape[-1]}
+               "dim": int(np.prod(shape)), "channels": shape[0], "length": shape[-1],
+               "max_tokens": spec.options.get("max_tokens")}
     wanted = inspect.signature(factory).parameters
     return create_backbone(name, **{k: v for k, v in offered.items() if k in wanted})
 
@@ -105,6 +108,8 @@ class TapCache:
         stats = ExtractStats(requested=len(samples), extracted=len(missing))
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            if spec.kind == "text":  # texts of similar length share a batch: less padding to encode
+                missing.sort(key=lambda k: len(as_text(samples[first[k]])))
             todo = [samples[first[k]] for k in missing]
             new = [[] for _ in backbone.taps]
             # about 64 images' worth of input per forward pass: a batch of 64 video clips would

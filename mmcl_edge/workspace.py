@@ -35,6 +35,7 @@ from mmcl_edge.config import LearnConfig
 import numpy as np
 
 from mmcl_edge.data import DataFormatError, MultiModalDataset, Scenario, load_scenario
+from mmcl_edge.data.dataset import scaled_specs
 from mmcl_edge.data.dataset import TaskInput, scenario_task
 from mmcl_edge.learners.base import TaskData
 from mmcl_edge.preprocess import PreprocessSpec, preprocess
@@ -601,6 +602,7 @@ def mcnemar_one_sided(lost: int, gained: int) -> float:
 def modality_description(specs: dict[str, PreprocessSpec], first: MultiModalDataset) -> dict:
     """What a workspace keeps of its modalities: options, and each backbone's input shape (read off
     one preprocessed sample), so it can build its backbones with no data set at hand."""
+    specs = scaled_specs(specs, first)  # vectors: standardised with the first task's statistics
     shapes = {}
     for m, spec in specs.items():
         rows = np.flatnonzero(first.presence(m))

@@ -1,6 +1,7 @@
 """The exported backbones of a workspace, loaded once per runtime and never by a swap."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class BackboneSet:
             raise RuntimeUserError(f"no exported backbones in {self.folder}; run 'mmcl-edge export' "
                                    "(or learn a task) first")
         self.index = json.loads(index_path.read_text())["modalities"]
-        self.specs = {m: PreprocessSpec.from_dict(e["preprocess"]) for m, e in self.index.items()}
+        self.specs = {m: self._spec(m, e) for m, e in self.index.items()}
         self.backends: dict[str, str] = {}
         self._runners = {}
         for m, e in self.index.items():
@@ -44,6 +45,19 @@ class BackboneSet:
                 runner = _OrtRunner(sess, e["input"], [t["name"] for t in e["taps"]])
                 self.backends[m] = "onnxruntime:" + sess.get_providers()[0]
             self._runners[m] = runner
+
+    def _spec(self, modality: str, entry: dict) -> PreprocessSpec:
+        """The exported preprocessing; a text modality tokenises with the tokenizer exported beside its
+        backbone (checked against its sha256), the very file the learner used."""
+        spec = PreprocessSpec.from_dict(entry["preprocess"])
+        if spec.kind != "text" or spec.encoding != "tokens":
+            return spec
+        tok = entry.get("tokenizer") or {}
+        path = self.folder / tok.get("file", "\0")
+        if not path.is_file() or sha256_file(path) != tok.get("sha256"):
+            raise RuntimeUserError(f"the tokenizer of the text modality {modality!r} ({path}) is missing or does not "
+                                   "match its sha256 in backbones.json; re-export with 'mmcl-edge export --force'")
+        return dataclasses.replace(spec, options={**spec.options, "tokenizer_file": str(path)})
 
     @property
     def modalities(self) -> list[str]:

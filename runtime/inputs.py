@@ -36,6 +36,19 @@ def _wav_header(path: Path) -> tuple[int, int, int]:
         return w.getnframes(), w.getnchannels(), w.getframerate()
 
 
+def text_argument(value: str) -> str:
+    """A text modality on the command line: the string itself, or ``@FILE`` for a UTF-8 text file."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    if not path.is_file():
+        raise InputError(f"text file {path} does not exist (a text value starting with @ names a file)")
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Mono float32 waveform (channels averaged) and its sample rate."""
     try:
@@ -151,7 +164,9 @@ def read_inputs(items: list[str], runtime, samples: str | None = None) -> dict[s
         m, f = (part.strip() for part in item.split("=", 1))
         if m in inputs:
             raise InputError(f"--input names {m!r} twice; one file per modality")
-        inputs[m] = [read_sample(Path(f), runtime.backbones.specs.get(m), runtime.limits)]
+        spec = runtime.backbones.specs.get(m)
+        inputs[m] = [text_argument(f) if spec is not None and spec.kind == "text"
+                     else read_sample(Path(f), spec, runtime.limits)]
     return inputs
 
 

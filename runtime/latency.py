@@ -94,6 +94,10 @@ def example_inputs(rt: Runtime, batch: int, seed: int = 0) -> dict[str, list[np.
     inputs = {}
     for m, e in rt.backbones.index.items():
         spec = rt.backbones.specs[m]
+        if spec.kind == "text":  # enough words to fill max_tokens: the slowest text there is
+            words = np.array("the a fabric fits well size colour dress small large soft warm love return".split())
+            inputs[m] = [" ".join(rng.choice(words, size=int(spec.options["max_tokens"]))) for _ in range(batch)]
+            continue
         if spec.kind == "vector":
             shape = tuple(e["input_shape"])
         elif spec.kind == "image":

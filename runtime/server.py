@@ -10,7 +10,8 @@ Torch-free (FastAPI + uvicorn + prometheus-client: the ``serve`` extra). Routes:
     POST /v2/models/{name}/infer                                  inference (JSON, or JSON + binary tensors)
     GET  /metrics                                                 Prometheus text format
 
-Inputs: one tensor per modality, named after it, datatype FP32, the first axis the batch. A request
+Inputs: one tensor per modality, named after it, datatype FP32 (a text modality: BYTES [B], UTF-8
+strings), the first axis the batch. A request
 may leave a modality out; the runtime decides whether that is allowed. Outputs (all by default, or
 the ones named in ``outputs``): ``labels`` BYTES [B], ``scores`` FP32 [B] (probability of the
 label), ``class_index`` INT64 [B] (index into the pack's labels), ``probabilities`` FP32 [B, C],
@@ -67,6 +68,7 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
           "FP32": np.float32, "FP64": np.float64}
 INPUT_DATATYPE = "FP32"
+TEXT_DATATYPE = "BYTES"
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several behind one route on Ray)
 log = logging.getLogger("mmcl_edge.server")
 
@@ -94,9 +96,16 @@ class ProtocolError(Exception):
 def input_shape(runtime: Runtime, modality: str) -> list[int]:
     """The declared tensor shape of one modality: -1 for the batch axis and every free axis."""
     spec = runtime.backbones.specs[modality]
+    if spec.kind == "text":  # one string per sample
+        return [-1]
     if spec.kind == "vector":  # the identity backbone: its input is the sample
         return [-1, *runtime.backbones.index[modality]["input_shape"]]
     return [-1] + [-1] * SAMPLE_NDIM.get(spec.kind, 1)
+
+
+def input_datatype(runtime: Runtime, modality: str) -> str:
+    """FP32 tensors, except a text modality: a BYTES tensor [B] of UTF-8 strings."""
+    return TEXT_DATATYPE if runtime.backbones.specs[modality].kind == "text" else INPUT_DATATYPE
 
 
 def model_metadata(runtime: Runtime, model_name: str) -> dict:
@@ -106,7 +115,7 @@ def model_metadata(runtime: Runtime, model_name: str) -> dict:
         "name": model_name,
         "versions": [str(pack.version)],
         "platform": "mmcl-edge",
-        "inputs": [{"name": m, "datatype": INPUT_DATATYPE, "shape": input_shape(runtime, m),
+        "inputs": [{"name": m, "datatype": input_datatype(runtime, m), "shape": input_shape(runtime, m),
                     "parameters": {"kind": runtime.backbones.specs[m].kind}} for m in runtime.backbones.modalities],
         "outputs": [{"name": "labels", "datatype": "BYTES", "shape": [-1]},
                     {"name": "scores", "datatype": "FP32", "shape": [-1]},
@@ -192,6 +201,41 @@ def _flatten(data, depth: int) -> list:
     return level
 
 
+def _decode_text(name: str, t: dict, shape: list[int], count: int, size, binary: bytes,
+                 offset: int) -> tuple[np.ndarray, int]:
+    """A BYTES input -> a unicode array of ``shape``: JSON strings, or the binary layout (each element
+    a 4-byte little-endian length, then its UTF-8 bytes). Invalid UTF-8 is replaced, never refused."""
+    if len(shape) != 1:
+        raise ProtocolError(f"input {name!r}: a text input has shape [B] (one string per sample), got {shape}")
+    if size is not None:
+        if "data" in t:
+            raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not fit the bytes sent")
+        blob, values, pos = binary[offset:offset + size], [], 0
+        while pos < len(blob):
+            if pos + 4 > len(blob):
+                raise ProtocolError(f"input {name!r}: a BYTES element's 4-byte length is cut off")
+            n = struct.unpack_from("<I", blob, pos)[0]
+            if pos + 4 + n > len(blob):
+                raise ProtocolError(f"input {name!r}: a BYTES element claims {n} bytes beyond binary_data_size")
+            values.append(bytes(blob[pos + 4:pos + 4 + n]).decode("utf-8", errors="replace"))
+            pos += 4 + n
+        offset += size
+    else:
+        if "data" not in t:
+            raise ProtocolError(f"input {name!r} has no 'data'")
+        try:
+            values = _flatten(t["data"], len(shape))
+        except ValueError as exc:
+            raise ProtocolError(f"input {name!r}: 'data' is {exc}") from None
+        if not all(isinstance(v, str) for v in values):
+            raise ProtocolError(f"input {name!r}: 'data' must hold strings for datatype BYTES")
+    if len(values) != count:
+        raise ProtocolError(f"input {name!r}: shape {shape} needs {count} strings, got {len(values)}")
+    return np.array(values, dtype=str) if values else np.array([], dtype="<U1"), offset
+
+
 def decode_inputs(request: dict, binary: bytes | memoryview, runtime: Runtime, max_bytes: int = ServerLimits.max_body_bytes
                   ) -> dict[str, np.ndarray]:
     """The request's named tensors as arrays, checked against the model's declared inputs; a shape
@@ -215,16 +259,18 @@ def decode_inputs(request: dict, binary: bytes | memoryview, runtime: Runtime, m
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise ProtocolError(f"input {name!r}: 'shape' must be a non-empty list of non-negative integers, "
                                 f"the first the batch size; got {shape!r}")
-        if datatype != INPUT_DATATYPE:
-            raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not accepted; this model's inputs "
-                                f"are {INPUT_DATATYPE}")
+        wanted = input_datatype(runtime, name)
+        if datatype != wanted:
+            raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not accepted; this input is {wanted}")
         count = math.prod(shape)  # Python integers: a product past int64 cannot wrap around
-        if count * 4 > max_bytes:  # binary FP32 is the densest encoding
+        if count * 4 > max_bytes:  # binary FP32 (or a BYTES element's 4-byte length) is the densest encoding
             raise ProtocolError(f"input {name!r}: shape {shape[:8]} holds {count} values, more than a request of "
                                 f"at most {max_bytes} bytes can carry")
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
-        if size is not None:
+        if wanted == TEXT_DATATYPE:
+            arr, offset = _decode_text(name, t, shape, count, size, binary, offset)
+        elif size is not None:
             if "data" in t:
                 raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
             itemsize = np.dtype(DTYPES[datatype]).itemsize

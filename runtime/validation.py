@@ -26,6 +26,7 @@ class Limits:
     max_audio_seconds: float = 60.0       # at the modality's sample rate
     max_series_steps: int = 1_000_000     # time steps of one sensor series
     max_values: int = 1 << 24             # numbers in one sample of the other kinds (vectors, series, audio)
+    max_text_chars: int = 100_000         # characters of one text (tokenised texts are cut at max_tokens anyway)
 
 
 def check_container(inputs) -> None:
@@ -62,8 +63,32 @@ def _check_image_sample(modality: str, a: np.ndarray, where: str) -> None:
         raise InputError(f"{modality}: {where} must be a 2-D or 3-D image, got shape {a.shape}")
 
 
+def split_text(modality: str, x) -> tuple[list[str], bool]:
+    """A text modality: one string (or UTF-8 bytes), or a batch (a list, or a unicode/bytes array [N])."""
+    def one(s, where: str) -> str:
+        if isinstance(s, np.ndarray) and s.ndim == 0:
+            s = s.item()
+        if isinstance(s, (bytes, bytearray)):
+            return bytes(s).decode("utf-8", errors="replace")
+        if not isinstance(s, str):
+            raise InputError(f"{modality}: {where} must be a string (text), got {type(s).__name__}")
+        return s
+
+    if isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "USO":
+        x = list(x)
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise InputError(f"{modality}: the batch is empty")
+        return [one(s, f"sample {i}") for i, s in enumerate(x)], False
+    if x is None:
+        raise InputError(f"{modality}: the input is None")
+    return [one(x, "the input")], True
+
+
 def split(modality: str, kind: str, x) -> tuple[list[np.ndarray], bool]:
     """One sample or a batch -> (list of samples, given as one sample?), layouts checked."""
+    if kind == "text":
+        return split_text(modality, x)
     if isinstance(x, (list, tuple)):
         if not x:
             raise InputError(f"{modality}: the batch is empty")
@@ -140,6 +165,12 @@ def check_batch(modality: str, kind: str, samples: list[np.ndarray], spec, limit
     if len(samples) > limits.max_batch:
         raise InputError(f"{modality}: {len(samples)} samples in one request; the limit is {limits.max_batch} "
                          "(split the batch, or raise max_batch)")
+    if kind == "text":
+        for i, s in enumerate(samples):
+            if len(s) > limits.max_text_chars:
+                raise InputError(f"{modality}: sample {i} has {len(s)} characters; the limit is "
+                                 f"{limits.max_text_chars} (raise max_text_chars to allow more)")
+        return
     for i, s in enumerate(samples):
         if kind != "image" and s.size > limits.max_values:
             raise InputError(f"{modality}: sample {i} holds {s.size} values; the limit is {limits.max_values}")

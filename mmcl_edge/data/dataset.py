@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmcl_edge.preprocess import PreprocessSpec
+from mmcl_edge.preprocess import PreprocessSpec, fit_vector_scaling
 
 
 from mmcl_edge.errors import DataFormatError  # noqa: E402  (one hierarchy: mmcl_edge.errors)
@@ -185,3 +185,10 @@ def validation_scenario(scenario: Scenario, fraction: float = 0.2, seed: int = 0
     return Scenario(f"{scenario.name} (validation)", scenario.setting, scenario.train.subset(fit_all),
                     scenario.train.subset(val_all), scenario.specs, tasks, scenario.class_names,
                     scenario.unseen_test_domains)
+
+
+def scaled_specs(specs: dict[str, PreprocessSpec], first: MultiModalDataset) -> dict[str, PreprocessSpec]:
+    """The specs with every ``vector`` modality's standardisation fitted on ``first`` (the first
+    task's training samples that have it); specs already fitted stay as they are."""
+    return {m: fit_vector_scaling(s, [first.samples[m][i] for i in np.flatnonzero(first.presence(m))])
+            for m, s in specs.items()}

@@ -3,7 +3,8 @@
 A folder holding::
 
     modalities.json   {"accel": {"kind": "timeseries"}, "gyro": {"kind": "timeseries"}, ...}
-    train.npz         x_<modality> [N, ...] for each modality, y [N] integer labels,
+    train.npz         x_<modality> [N, ...] for each modality (a text modality: a unicode
+                      string array [N]), y [N] integer labels,
                       optional domain [N] integer domain ids
     test.npz          the same arrays for the test split
 
@@ -113,6 +114,13 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
         x = arrays[key]
         if len(x) != len(y):
             raise DataFormatError(f"'{key}' in {path} has {len(x)} samples but 'y' has {len(y)}")
+        if spec.kind == "text":
+            if x.dtype.kind != "U" or x.ndim != 1:
+                raise DataFormatError(f"'{key}' in {path} holds the text modality {name!r}: it must be a 1-D "
+                                      f"unicode string array [N] (numpy dtype '<U...'), got dtype {x.dtype} "
+                                      f"and shape {x.shape}")
+            samples[name] = [np.asarray(s) for s in x]
+            continue
         if not np.issubdtype(x.dtype, np.number):
             raise DataFormatError(f"'{key}' in {path} must be numeric, got dtype {x.dtype}")
         if np.issubdtype(x.dtype, np.floating):
