@@ -55,6 +55,7 @@ DPY="$WORK/venv/bin/python"
 "$DPY" -m pip install -q --disable-pip-version-check "$REPO[cpu,serve,ros]"
 if "$DPY" -c "import torch" 2>/dev/null; then echo "torch is importable in the device venv" >&2; exit 1; fi
 DEV="$WORK/venv/bin/mmcl-edge"
+cd "$WORK"  # from here on a checkout's mmcl_edge/ in the working folder must not shadow the installed package
 
 step "mmcl-edge info"
 "$DEV" info -w "$WORK/ws" > "$WORK/info.txt"

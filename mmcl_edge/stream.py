@@ -41,6 +41,7 @@ class TapSource:
         self = cls.__new__(cls)
         self._setup(specs, cache_root, progress, None, shapes=shapes)
         self.scenario = None
+        self.scenario_loader = _no_scenario  # a workspace bound to a stream sets its own loader
         return self
 
     def _setup(self, specs, cache_root, progress, encoding, examples=None, shapes=None):
@@ -82,8 +83,13 @@ class TapSource:
 
     def taps(self, split: str, idx: np.ndarray, label_map: dict[int, int], what: str = "") -> tuple[TaskData, float, int]:
         """Taps of samples ``idx`` of the scenario's ``split``, labels mapped to head indices."""
-        ds = (self.scenario.train if split == "train" else self.scenario.test).subset(idx)
+        scenario = self.scenario if self.scenario is not None else self.scenario_loader()
+        ds = (scenario.train if split == "train" else scenario.test).subset(idx)
         return self.taps_of(ds, np.array([label_map[int(c)] for c in ds.y]), what)
+
+
+def _no_scenario():
+    raise DataFormatError("this tap source has no data set of its own (a workspace taught task by task)")
 
 
 def t_shape(tap) -> tuple[int, int]:

@@ -225,6 +225,8 @@ class Workspace:
             if "input_shapes" in self.meta:
                 self._source = TapSource.for_specs(self.specs, {m: tuple(s) for m, s in self.meta["input_shapes"].items()},
                                                    self.root / "taps")
+                if not self.taught:
+                    self._source.scenario_loader = self.scenario  # loaded only if its samples are asked for
             else:
                 self._source = TapSource(self.scenario(), self.root / "taps")
         self._source.progress = progress

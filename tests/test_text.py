@@ -359,3 +359,20 @@ def test_bench_encoders_covers_both_text_encodings(text_ws, tmp_path):
     assert {("note", "tokens"), ("note", "raw"), ("title", "tokens"), ("title", "raw"), ("shopper", "identity")} == set(rows)
     assert rows[("note", "tokens")]["backbone"] == "minilm-l6" and rows[("note", "raw")]["feature_dim"] == text.HASHED_DIM
     assert rows[("note", "tokens")]["test_accuracy"] > 0.8     # three classes told apart by their words
+
+
+def test_an_empty_text_is_an_absent_modality(tmp_path):
+    """A review without a title: the empty string marks the title absent for that sample."""
+    import json as _json
+
+    from mmcl_edge.data.generic import read_task_folder
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "modalities.json").write_text(_json.dumps({"title": {"kind": "text"}, "stars": {"kind": "vector"},
+                                                         "class_names": ["a", "b"]}))
+    np.savez(folder / "train.npz", x_title=np.array(["nice", "", "  ", "ok"]),
+             x_stars=np.ones((4, 1), np.float32), y=np.array([0, 1, 0, 1]))
+    _, task = read_task_folder(folder)
+    assert task.train.presence("title").tolist() == [True, False, False, True]
+    assert task.train.presence("stars").all()

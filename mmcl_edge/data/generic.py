@@ -23,6 +23,7 @@ import numpy as np
 from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, TaskInput,
                                     class_incremental_tasks, domain_incremental_tasks)
 from mmcl_edge.preprocess import KINDS, PreprocessSpec
+from mmcl_edge.text import text_present
 from mmcl_edge.runtime.npz import NpzReader
 
 
@@ -120,6 +121,12 @@ def _read_split(folder: Path, split: str, specs: dict[str, PreprocessSpec]) -> t
                                       f"unicode string array [N] (numpy dtype '<U...'), got dtype {x.dtype} "
                                       f"and shape {x.shape}")
             samples[name] = [np.asarray(s) for s in x]
+            said = text_present(x)  # an empty string: the sample has no such text (a review without a title)
+            if not said.all():
+                present = dict(present or {})
+                present[name] = present.get(name, np.ones(len(y), bool)) & said
+                if not np.stack([present.get(m, np.ones(len(y), bool)) for m in specs]).any(axis=0).all():
+                    raise DataFormatError(f"{path}: a sample has no modality present (empty texts included)")
             continue
         if not np.issubdtype(x.dtype, np.number):
             raise DataFormatError(f"'{key}' in {path} must be numeric, got dtype {x.dtype}")
