@@ -97,7 +97,8 @@ def print_report(report: dict) -> None:
     matrix = report.get("accuracy_matrix") or []
     if not matrix:
         return
-    t = Table(title=f"Accuracy (%) after each task — {report.get('scenario', '')} ({report.get('setting', '')})")
+    title = f"Accuracy (%) after each task — {report.get('scenario', '')} ({report.get('setting', '')})"
+    t = Table(title=title, min_width=len(title) + 4)  # one task learned: a narrow table, one-line title
     t.add_column("after task")
     for j in range(len(matrix[0])):
         t.add_column(f"T{j}", justify="right")

@@ -303,6 +303,14 @@ def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return x
 
 
+FITTED_OPTIONS = ("mean", "scale")  # statistics a workspace fits on its first task, not the user's options
+
+
+def unfitted(spec: PreprocessSpec) -> PreprocessSpec:
+    """The spec as a user writes it: without the statistics fitted on a workspace's data."""
+    return dataclasses.replace(spec, options={k: v for k, v in spec.options.items() if k not in FITTED_OPTIONS})
+
+
 def fit_vector_scaling(spec: PreprocessSpec, samples) -> PreprocessSpec:
     """A ``vector`` spec that standardises each feature with the mean and standard deviation of
     ``samples`` (the first task's): tabular features on any scale (an age of 20-90 beside a rating of

@@ -38,7 +38,7 @@ from mmcl_edge.data import DataFormatError, MultiModalDataset, Scenario, load_sc
 from mmcl_edge.data.dataset import scaled_specs
 from mmcl_edge.data.dataset import TaskInput, scenario_task
 from mmcl_edge.learners.base import TaskData
-from mmcl_edge.preprocess import PreprocessSpec, preprocess
+from mmcl_edge.preprocess import PreprocessSpec, preprocess, unfitted
 from mmcl_edge.learners import AdapterLearner
 from mmcl_edge.metrics import summarise
 from mmcl_edge.model import MMCLModel
@@ -160,8 +160,8 @@ class Workspace:
         if set(specs) != set(mine):
             raise DataFormatError(f"{where} has modalities {', '.join(sorted(specs))} but workspace {self.root} "
                                   f"has {', '.join(sorted(mine))}")
-        for m, spec in specs.items():
-            a, b = mine[m].to_dict(), spec.to_dict()
+        for m, spec in specs.items():  # statistics the workspace fitted on its first task are its own
+            a, b = unfitted(mine[m]).to_dict(), unfitted(spec).to_dict()
             diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             if diff:
                 k = diff[0]

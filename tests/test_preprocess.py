@@ -149,4 +149,4 @@ def test_digest_changes_with_every_option(change):
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown modality kind"):
         PreprocessSpec(kind="lidar")
-    assert set(KINDS) == {"image", "audio", "timeseries", "video", "vector"}
+    assert set(KINDS) == {"image", "audio", "timeseries", "video", "vector", "text"}

@@ -85,8 +85,8 @@ def test_a_shuffled_label_task_is_refused_and_nothing_changes(tmp_path, arrays):
     assert invoke("teach", "-w", ws, day_folder(tmp_path / "d1", arrays, [0, 1, 2, 3], 0), "--epochs", 3).exit_code == 0
     serving = (ws / "current").read_text()
     state_files = sorted(p.name for p in (ws / "state").iterdir())
-    # an operator's mislabelled batch: twice as many samples of the known classes, labels shuffled
-    bad = day_folder(tmp_path / "bad", arrays, [0, 1, 2, 3], 1, shuffle=True, per_class=40)
+    # an operator's mislabelled batch: more samples of the known classes, in the same conditions, labels shuffled
+    bad = day_folder(tmp_path / "bad", arrays, [0, 1, 2, 3], 0, shuffle=True, per_class=50)
     r = invoke("teach", "-w", ws, bad, "--epochs", 3)
     assert r.exit_code == 3, r.output
     assert "refused" in r.output

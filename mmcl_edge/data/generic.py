@@ -22,7 +22,7 @@ import numpy as np
 
 from mmcl_edge.data.dataset import (DataFormatError, MultiModalDataset, Scenario, TaskInput,
                                     class_incremental_tasks, domain_incremental_tasks)
-from mmcl_edge.preprocess import KINDS, PreprocessSpec
+from mmcl_edge.preprocess import KINDS, PreprocessSpec, unfitted
 from mmcl_edge.text import text_present
 from mmcl_edge.runtime.npz import NpzReader
 
@@ -302,7 +302,7 @@ def write_task_folder(folder, specs: dict[str, PreprocessSpec], train: MultiModa
         return {"kind": spec.kind, **{k: v for k, v in spec.to_dict().items()
                                       if k not in ("kind", "options") and v != default[k]}, **spec.options}
 
-    opts = {m: options(s) for m, s in specs.items()}
+    opts = {m: options(unfitted(s)) for m, s in specs.items()}
     (folder / "modalities.json").write_text(json.dumps({**opts, "class_names": list(names)}, indent=1))
     for split, ds in (("train", train), ("test", heldout)):
         if ds is None:
