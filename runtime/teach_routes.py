@@ -88,6 +88,13 @@ def add_teach_routes(app: FastAPI, runtime, workspace: Path, settings: TeachSett
             inbox.set_state(job.name, "queued", note="re-queued: the learner stopped before it finished")
     learner.ensure(inbox)
 
+    def refused(request: Request, name: str) -> JSONResponse | None:
+        """None when the request holds the token and names this model; else the answer to give."""
+        denied = authorised(request)
+        if denied is None:
+            check_model(name)
+        return denied
+
     def authorised(request: Request) -> JSONResponse | None:
         header = request.headers.get("authorization") or ""
         if not header.lower().startswith("bearer "):
@@ -99,10 +106,8 @@ def add_teach_routes(app: FastAPI, runtime, workspace: Path, settings: TeachSett
 
     @app.post("/v2/models/{name}/samples", name="samples")
     async def samples(name: str, request: Request):
-        denied = authorised(request)
-        if denied:
+        if (denied := refused(request, name)) is not None:
             return denied
-        check_model(name)
         req, arrays = await read_request(request)
         label = (req.get("parameters") or {}).get("label") if isinstance(req.get("parameters"), dict) else None
         if not isinstance(label, str) or not label.strip():
@@ -125,10 +130,8 @@ def add_teach_routes(app: FastAPI, runtime, workspace: Path, settings: TeachSett
 
     @app.post("/v2/models/{name}/learn", name="learn")
     async def learn(name: str, request: Request):
-        denied = authorised(request)
-        if denied:
+        if (denied := refused(request, name)) is not None:
             return denied
-        check_model(name)
         try:
             job = await run_in_threadpool(inbox.start_job)
         except RuntimeUserError as exc:
@@ -138,10 +141,8 @@ def add_teach_routes(app: FastAPI, runtime, workspace: Path, settings: TeachSett
 
     @app.get("/v2/models/{name}/learn/{job}", name="learn_state")
     def learn_state(name: str, job: str, request: Request):
-        denied = authorised(request)
-        if denied:
+        if (denied := refused(request, name)) is not None:
             return denied
-        check_model(name)
         state = inbox.state(job)
         if state is None:
             return error(f"no learn job {job!r}", 404)
