@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mmcl_edge.data.dataset import DataFormatError, Scenario
 from mmcl_edge.data.generic import load_generic
+from mmcl_edge.data.locate import find_data_folder
 
 ENV_VAR = "MMCL_EDGE_CLOTHING"
 FOLDER = "clothing-cil"
@@ -24,16 +25,11 @@ def locate_clothing(data_dir: str | os.PathLike | None = None) -> Path:
     """The ``clothing-cil`` folder, looked for in ``data_dir``, then ``$MMCL_EDGE_CLOTHING``, then
     ``$MMCL_EDGE_DATA``; each may name that folder, the folder holding it, or their parent (``.../data``
     with a ``clothing-reviews/`` inside)."""
-    tried = []
-    for given in (data_dir, os.environ.get(ENV_VAR), os.environ.get("MMCL_EDGE_DATA")):
-        if not given or str(Path(given).expanduser()) in tried:
-            continue
-        root = Path(given).expanduser()
-        for candidate in (root, root / FOLDER, root / "clothing-reviews" / FOLDER, root.parent / FOLDER):
-            if (candidate / "train.npz").is_file() and (candidate / "modalities.json").is_file():
-                return candidate
-        tried.append(str(root))
-    where = f" (looked in {', '.join(tried)})" if tried else ""
+    found, where = find_data_folder(
+        data_dir, ENV_VAR, lambda root: (root, root / FOLDER, root / "clothing-reviews" / FOLDER, root.parent / FOLDER),
+        lambda c: (c / "train.npz").is_file() and (c / "modalities.json").is_file())
+    if found is not None:
+        return found
     raise DataFormatError(
         f"the clothing reviews were not found{where}. They are the folder {FOLDER}/ in the generic format; point "
         f"to it (or the folder holding it) with --data-dir PATH or {ENV_VAR}=PATH. This project ships a prepared "

@@ -17,6 +17,7 @@ import numpy as np
 
 from mmcl_edge.data.dataset import DataFormatError, Scenario, domain_incremental_tasks
 from mmcl_edge.data.generic import load_generic
+from mmcl_edge.data.locate import find_data_folder
 
 ENV_VAR = "MMCL_EDGE_UTD_MHAD"
 FOLDERS = {"class-il": "utd-mhad-cross-subject", "domain-il": "utd-mhad-subjects"}
@@ -30,16 +31,11 @@ def locate_utd_mhad(data_dir: str | os.PathLike | None = None) -> Path:
     Looked for in ``data_dir``, then ``$MMCL_EDGE_UTD_MHAD``, then ``$MMCL_EDGE_DATA``; each may name
     that folder itself, its parent (``.../data`` with a ``utd-mhad/`` inside) or one of its subfolders.
     """
-    tried = []
-    for given in (data_dir, os.environ.get(ENV_VAR), os.environ.get("MMCL_EDGE_DATA")):
-        if not given or str(Path(given).expanduser()) in tried:
-            continue
-        root = Path(given).expanduser()
-        for candidate in (root, root / "utd-mhad", root.parent):
-            if all((candidate / f / "train.npz").is_file() for f in FOLDERS.values()):
-                return candidate
-        tried.append(str(root))
-    where = f" (looked in {', '.join(tried)})" if tried else ""
+    found, where = find_data_folder(
+        data_dir, ENV_VAR, lambda root: (root, root / "utd-mhad", root.parent),
+        lambda c: all((c / f / "train.npz").is_file() for f in FOLDERS.values()))
+    if found is not None:
+        return found
     raise DataFormatError(
         f"UTD-MHAD not found{where}. It is the folder with utd-mhad-cross-subject/ and utd-mhad-subjects/ "
         f"in the generic format; point to it with --data-dir PATH or {ENV_VAR}=PATH. This project ships a "
