@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
+from mmcl_edge.export.onnx_io import OPSET, export_onnx_traced, sha256_file
 from mmcl_edge.runtime import layout
 from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT, pack_digest
 
@@ -111,8 +111,8 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
     inputs = pack_inputs(model)
     modalities = list(model.encoder.modality_taps)
     example = (*(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs), torch.ones(2, len(modalities)))
-    export_onnx(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs] + [PRESENT_INPUT],
-                ["logits", "fused"])
+    export_onnx_traced(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs] + [PRESENT_INPUT],
+                       ["logits", "fused"])
     sizes = store_half(folder / ONNX_FILE)
     files = {ONNX_FILE: sha256_file(folder / ONNX_FILE)}
     manifest = {

@@ -56,7 +56,7 @@ class MMCLModel(nn.Module):
     def features(self, taps: dict[str, list[torch.Tensor]], out: EncoderOutput) -> torch.Tensor:
         """Analytic-head features: [each tap of each modality pooled and L2-normalised, 1, the fused
         adapted embedding (unit-ish scale after its LayerNorm)]. The fixed part never drifts."""
-        one = out.fused.new_ones(out.fused.shape[0], 1)
+        one = torch.ones_like(out.fused[:, :1])  # no Python int of the batch: it stays dynamic in any export
         return torch.cat([pooled_tap_features(taps, self.encoder.modalities), one, out.fused * self.fused_scale], dim=-1)
 
     def training_logits(self, taps: dict[str, list[torch.Tensor]],

@@ -30,6 +30,8 @@ class CrossModalRouter(nn.Module):
             logits = torch.nn.functional.linear(h.flatten(1), w, b).unflatten(-1, (self.m, self.e))
         else:
             logits = torch.stack([p(h[:, i]) for i, p in enumerate(self.proj)], dim=1)
-        top_val, top_idx = logits.topk(self.k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_val, dim=-1))
+        kth = logits.topk(self.k, dim=-1).values[..., -1:]
+        # a softmax over the top-k logits, zero elsewhere: a mask rather than a scatter of indices, so
+        # the graph has no index arithmetic that an exporter could bake the batch size into
+        gates = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         return gates, torch.softmax(logits, dim=-1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmcl_edge.errors import PackRejected
 
-# Every op in packs exported today (opset 18, dynamo exporter; analytic and linear heads) ...
+# Every op in packs exported today or before (opset 18; traced or dynamo exporter; analytic and linear heads) ...
 EMITTED_OPS = {"Add", "Clip", "Concat", "Div", "Erf", "Expand", "Gather", "Gemm", "LayerNormalization", "MatMul",
                "Mul", "ReduceL2", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape", "Slice",
                "Softmax", "TopK", "Unsqueeze"}
