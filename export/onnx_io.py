@@ -70,7 +70,7 @@ def export_onnx_traced(module: torch.nn.Module, example: tuple[torch.Tensor, ...
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module.eval(), example, str(tmp), input_names=input_names, output_names=output_names,
                           dynamic_axes=batch_axes, opset_version=OPSET, dynamo=False)
-    onnx.save_model(optimizer.optimize(onnx.load(str(tmp))), str(tmp))
+    onnx.save_model(optimizer.optimize(onnx.load(str(tmp)), num_iterations=1), str(tmp))
     return _check_and_place(tmp, path)
 
 
