@@ -38,9 +38,27 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           header_timeout: float = typer.Option(10, min=0.1, help="Seconds for a request's line and headers to arrive."),
           max_header_kb: int = typer.Option(16, min=1, help="Largest request line + headers in KiB; larger gets 431."),
           keep_alive: float = typer.Option(5, min=0.1, help="Seconds an idle connection stays open."),
-          max_concurrency: int = typer.Option(64, min=1, help="Connections or requests in flight; more get 503.")):
+          max_concurrency: int = typer.Option(64, min=1, help="Connections or requests in flight; more get 503."),
+          follow: Optional[str] = typer.Option(None, "--follow", help="Run as a follower of the serve at this URL "
+                                               "(http://HOST:PORT): keep -w DIR a verified copy of its backbones and "
+                                               "packs and serve them; no learner, no PyTorch."),
+          trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Serve only packs signed by this Ed25519 "
+                                                 "public key (repeatable); --follow requires one unless --insecure."),
+          insecure: bool = typer.Option(False, "--insecure", help="With --follow and no --trusted-key: accept "
+                                        "unsigned packs (integrity checks only; anyone on the link can feed packs)."),
+          follow_wait: float = typer.Option(5.0, min=0.5, max=30, help="With --follow: seconds each long poll of the "
+                                            "leader waits for a new pack; also bounds how late a follower notices "
+                                            "that a cut link came back.")):
     """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
+    if follow is not None:
+        if ray or teach:
+            raise RuntimeUserError("--follow serves on this device only: it goes with neither --ray nor --teach")
+        if not trusted_key and not insecure:
+            raise RuntimeUserError("--follow needs --trusted-key KEY (the leader's signing.pub), or --insecure to "
+                                   "serve unsigned packs from whoever answers at that address")
+    elif insecure:
+        raise RuntimeUserError("--insecure goes with --follow")
     import socket
 
     from mmcl_edge.runtime import Runtime
@@ -74,21 +92,49 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
                                  teach_max_forgetting, teach_holdout)
     elif teach_token_file is not None:
         raise RuntimeUserError("--teach-token-file goes with --teach")
-    rt = Runtime(workspace, providers=provider, threads=threads)
+    follower = None
+    if follow is not None:
+        from mmcl_edge.runtime.follower import Follower, FollowerCollector
+
+        leader = follow if "://" in follow else f"http://{follow}"
+        if not leader.startswith(("http://", "https://")):
+            raise RuntimeUserError(f"--follow takes an http:// URL of a running 'mmcl-edge serve', not {follow!r}")
+        follower = Follower(workspace, leader, model_name, trusted_keys=list(trusted_key), providers=provider,
+                            threads=threads, wait=follow_wait, port=port)
+        _check_port(host, port)
+        err.print(f"following {leader} into {follower.root}", highlight=False)
+        rt = follower.bootstrap(on_wait=lambda why: err.print(f"waiting for a pack from the leader: {why}",
+                                                              highlight=False, soft_wrap=True))
+    else:
+        rt = Runtime(workspace, providers=provider, threads=threads, trusted_keys=list(trusted_key) or None)
+    _check_port(host, port)
+    import uvicorn
+
+    if follower is None:
+        rt.start_watcher(poll)
+    else:
+        follower.start()
+    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
+              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
+    app = create_app(rt, model_name, teach=settings, limits=limits)
+    if follower is not None:
+        app.state.fleet.follower = follower
+        app.state.metrics.registry.register(FollowerCollector(follower))
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port)).run()
+    finally:
+        if follower is not None:
+            follower.stop()
+        rt.stop()
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use is a user's problem: say so in one line, before any work."""
+    import socket
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:  # a port in use is a user's problem: say so in one line
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
         except OSError as exc:
             raise RuntimeUserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    import uvicorn
-
-    rt.start_watcher(poll)
-    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
-              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
-    try:
-        uvicorn.Server(uvicorn_config(create_app(rt, model_name, teach=settings, limits=limits), host=host,
-                                      port=port)).run()
-    finally:
-        rt.stop()
-
