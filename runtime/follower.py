@@ -69,6 +69,7 @@ class Follower:
         self.last_error: str | None = None
         self.counts = {"fetched": 0, "refused": 0, "transfer_errors": 0, "unreachable": 0}
         self._refused_until: dict[int, float] = {}
+        self._refusals: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,7 +112,8 @@ class Follower:
         q = urllib.parse.urlencode({"after": after, "wait": wait, "member": self.member, "port": self.port or 0,
                                     "serving": -1 if self.serving is None else self.serving})
         try:
-            return json.loads(self._get(f"{self.base}/packs?{q}", wait + self.connect_timeout + 5))
+            # a poll cut by a dead link ends by this timeout: it bounds how late a restored link is noticed
+            return json.loads(self._get(f"{self.base}/packs?{q}", wait + self.connect_timeout))
         except ValueError as exc:
             raise TransferError(f"{self.base}/packs: not JSON ({exc})") from None
 
@@ -189,15 +191,19 @@ class Follower:
             length = int(r.headers.get("Content-Length") or 0)
             if offset + length > archive.MAX_ARCHIVE_BYTES:
                 raise TransferError(f"{url}: {offset + length} bytes is beyond the pack archive limit")
+            got, cut = 0, None
             try:
                 with open(part, "ab" if offset else "wb") as f:
                     while block := r.read(BLOCK):
                         f.write(block)
+                        got += len(block)
                     f.flush()
                     os.fsync(f.fileno())
-            except (OSError, http.client.HTTPException) as exc:  # the connection dropped: what arrived stays for a resume
-                raise TransferError(f"{url}: cut after {part.stat().st_size if part.exists() else 0} bytes ({exc})",
-                                    "transfer_errors") from None
+            except (OSError, http.client.HTTPException) as exc:
+                cut = exc
+            if cut is not None or (length and got < length):  # the connection dropped: what arrived stays for a resume
+                raise TransferError(f"{url}: cut after {offset + got} bytes ({cut or 'closed early'}); resuming",
+                                    "transfer_errors")
         if sha256_file(part) != digest:
             size = part.stat().st_size
             part.unlink(missing_ok=True)
@@ -323,7 +329,9 @@ class Follower:
             self.install(version)
         except PackRejected:
             self.counts["refused"] += 1
-            self._refused_until[version] = time.monotonic() + 30.0
+            # the same version again after 2, 4, 8 ... 60 s: tampering in transit passes, a bad pack costs little
+            tries = self._refusals[version] = self._refusals.get(version, 0) + 1
+            self._refused_until[version] = time.monotonic() + min(60.0, 2.0 ** tries)
             raise
         self._contact(listing)
         return True
