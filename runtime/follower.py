@@ -264,22 +264,32 @@ class Follower:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _local(self) -> Runtime | None:
-        """The pack ``DIR/current`` names, verified, unless it is below the floor or refused."""
+        """The pack ``DIR/current`` names, else the pack at the floor: verified, never below the floor."""
+        if not (self.root / "backbones" / INDEX_FILE).is_file():
+            return None
         try:
-            name = layout.read_current(self.root)
-            if name is None or not (self.root / "backbones" / INDEX_FILE).is_file():
-                return None
-            if int(name[1:]) < self.floor:
-                log.warning("current names %s, below the floor v%04d: not served", name, self.floor)
-                return None
-            rt = self._runtime(name)
-        except (PackRejected, RuntimeUserError) as exc:
-            log.warning("the local pack cannot serve: %s", exc)
-            return None
-        if rt.pack.version < self.floor:
-            log.warning("the local pack v%04d is below the floor v%04d: not served", rt.pack.version, self.floor)
-            return None
-        return rt
+            current = layout.read_current(self.root)
+        except PackRejected as exc:
+            log.warning("%s", exc)
+            current = None
+        names = [current] if current else []
+        if self.floor >= 0 and layout.pack_name(self.floor) not in names:
+            names.append(layout.pack_name(self.floor))
+        for name in names:
+            if not (self.root / layout.PACKS_DIR / name).is_dir():
+                continue
+            try:
+                rt = self._runtime(name)
+            except (PackRejected, RuntimeUserError) as exc:
+                log.warning("the local pack %s cannot serve: %s", name, exc)
+                continue
+            if rt.pack.version >= self.floor:
+                if name != current:
+                    layout.set_current(self.root, name)
+                return rt
+            log.warning("the local pack %s is v%04d, below the floor v%04d: not served", name, rt.pack.version,
+                        self.floor)
+        return None
 
     def bootstrap(self, on_wait=None, deadline: float | None = None) -> Runtime:
         """Serve the local pack if it verifies; else fetch the backbones and the leader's pack,
