@@ -509,6 +509,7 @@ def bench_fleet(
     follow_wait: float = typer.Option(5.0, min=0.5, max=30, help="The followers' --follow-wait."),
     inputs: Optional[Path] = typer.Option(None, help="An .npz of x_<modality> arrays the clients send (default: "
                                                      "zeros, enough for vector modalities)."),
+    interval: float = typer.Option(0.025, min=0.001, help="Seconds between a client's requests to its follower."),
     work: Optional[Path] = typer.Option(None, help="Folder for the followers' folders and logs (default: a new "
                                                    "temporary folder, removed afterwards)."),
     out_file: Path = typer.Option(Path("bench-fleet.json"), "--out", help="Where the JSON result goes."),
@@ -535,7 +536,7 @@ def bench_fleet(
     folder = Path(tempfile.mkdtemp(prefix="mmcl-bench-fleet-")) if work is None else work
     try:
         result = run(root, folder, key, followers=followers, faults=chosen, publishes=publishes, seed=seed,
-                     follow_wait=follow_wait, link_down=link_down, inputs=inputs,
+                     follow_wait=follow_wait, link_down=link_down, inputs=inputs, interval=interval,
                      say=lambda line: err.print(escape(line), highlight=False))
     except NamespaceError as exc:
         raise ConfigError(f"bench fleet needs network namespaces (run it as root): {exc}") from None

@@ -67,6 +67,7 @@ class Follower:
         self.behind_since: float | None = None
         self.last_contact: float | None = None
         self.last_error: str | None = None
+        self.backbones_changed = False  # the leader's backbones.json differs: a restart fetches the new ones
         self.counts = {"fetched": 0, "refused": 0, "transfer_errors": 0, "unreachable": 0}
         self._refused_until: dict[int, float] = {}
         self._refusals: dict[int, int] = {}
@@ -122,7 +123,7 @@ class Follower:
         """Make ``DIR/backbones`` hold exactly the leader's ``backbones.json`` and the files it lists,
         each matching its sha256; files written atomically, the index last (it commits them)."""
         folder = self.root / "backbones"
-        raw = self._get(f"{self.base}/backbones", 30)
+        raw = self._get(f"{self.base}/backbones", self.connect_timeout)  # small; a restart offline waits no longer
         try:
             index = json.loads(raw)["modalities"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -296,6 +297,10 @@ class Follower:
         retrying until one serves (``on_wait(message)`` each failed try; ``deadline``: give up)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._clean()
+        try:  # the leader's backbones when it answers (they may have changed: export --precision), else ours
+            self.ensure_backbones()
+        except TransferError as exc:
+            log.warning("serving from %s without the leader: %s", self.root, exc)
         self.runtime = self._local()
         if self.runtime is not None:
             return self.runtime
@@ -322,6 +327,9 @@ class Follower:
 
     def _contact(self, listing: dict) -> None:
         self.last_contact = time.time()
+        index = self.root / "backbones" / INDEX_FILE
+        theirs = listing.get("backbones_sha256")
+        self.backbones_changed = bool(theirs and index.is_file() and archive.sha256(index.read_bytes()) != theirs)
         self.leader_version = int(listing["serving"])
         if self.serving is None or self.leader_version > self.serving:
             self.behind_since = self.behind_since or time.time()
@@ -385,7 +393,8 @@ class Follower:
                 "floor": self.floor, "behind_versions": behind,
                 "behind_seconds": round(now - self.behind_since, 3) if behind and self.behind_since else 0.0,
                 "last_contact_seconds": None if self.last_contact is None else round(now - self.last_contact, 3),
-                "last_error": self.last_error, "authenticated": bool(self.trusted_keys), **self.counts}
+                "last_error": self.last_error, "authenticated": bool(self.trusted_keys),
+                "backbones_changed": self.backbones_changed, **self.counts}
 
 
 class FollowerCollector:
