@@ -17,7 +17,9 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           threads: int = typer.Option(0, help="Threads per onnxruntime session (0: library default)."),
           poll: float = typer.Option(0.5, help="Seconds between looks at WS/current for a new pack."),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: --replicas copies behind one route."),
-          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack."),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack (with "
+                                                      "--follow: each a follower, its copy in a folder under -w on "
+                                                      "its own node)."),
           replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
           ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto' or "
                                                                 "ray://host:port); default: start Ray here."),
@@ -52,13 +54,15 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
     """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
     if follow is not None:
-        if ray or teach:
-            raise RuntimeUserError("--follow serves on this device only: it goes with neither --ray nor --teach")
+        if teach:
+            raise RuntimeUserError("--follow serves what the leader learned: it does not go with --teach")
         if not trusted_key and not insecure:
             raise RuntimeUserError("--follow needs --trusted-key KEY (the leader's signing.pub), or --insecure to "
                                    "serve unsigned packs from whoever answers at that address")
     elif insecure:
         raise RuntimeUserError("--insecure goes with --follow")
+    elif ray and trusted_key:
+        raise RuntimeUserError("--trusted-key with --ray goes with --follow (replicas that follow a signing leader)")
     import socket
 
     from mmcl_edge.runtime import Runtime
@@ -74,12 +78,21 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         require_extra("scale", "ray")
         from mmcl_edge.runtime import ray_serve
 
-        Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
-        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol); Ctrl-C stops",
-                  highlight=False)
+        followed = None
+        if follow is not None:  # each replica follows the leader into its own folder under -w, on its node
+            from mmcl_edge.runtime.trust import load_public_key
+
+            for k in trusted_key:
+                load_public_key(k)  # fail here, in plain words, if a key is unusable
+            followed = {"leader": _leader_url(follow), "trusted_keys": [Path(k).expanduser().read_bytes() for k in trusted_key],
+                        "wait": follow_wait}
+        else:
+            Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
+        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol)"
+                  + (f", each following {followed['leader']}" if followed else "") + "; Ctrl-C stops", highlight=False)
         ray_serve.run(str(resolve_root(workspace)), host=host, port=port, model_name=model_name,
                       replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
-                      replica_cpus=replica_cpus, address=ray_address, blocking=True, limits=limits)
+                      replica_cpus=replica_cpus, address=ray_address, blocking=True, limits=limits, follow=followed)
         return
     settings = None
     if teach:
@@ -96,9 +109,7 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
     if follow is not None:
         from mmcl_edge.runtime.follower import Follower, FollowerCollector
 
-        leader = follow if "://" in follow else f"http://{follow}"
-        if not leader.startswith(("http://", "https://")):
-            raise RuntimeUserError(f"--follow takes an http:// URL of a running 'mmcl-edge serve', not {follow!r}")
+        leader = _leader_url(follow)
         follower = Follower(workspace, leader, model_name, trusted_keys=list(trusted_key), providers=provider,
                             threads=threads, wait=follow_wait, port=port)
         _check_port(host, port)
@@ -126,6 +137,13 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         if follower is not None:
             follower.stop()
         rt.stop()
+
+
+def _leader_url(follow: str) -> str:
+    leader = follow if "://" in follow else f"http://{follow}"
+    if not leader.startswith(("http://", "https://")):
+        raise RuntimeUserError(f"--follow takes an http:// URL of a running 'mmcl-edge serve', not {follow!r}")
+    return leader
 
 
 def _check_port(host: str, port: int) -> None:

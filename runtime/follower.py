@@ -338,7 +338,11 @@ class Follower:
 
     def sync_once(self, wait: float = 0.0) -> bool:
         """One look at the leader (a long poll of ``wait`` s); installs its pack when newer. True: installed."""
-        listing = self.listing(after=max(self.serving if self.serving is not None else -1, self.floor), wait=wait)
+        after = max(self.serving if self.serving is not None else -1, self.floor)
+        now = time.monotonic()
+        # a version refused a moment ago is not news: wait for a newer one (or the end of the poll)
+        after = max([after] + [v for v, until in self._refused_until.items() if until > now])
+        listing = self.listing(after=after, wait=wait)
         self._contact(listing)
         version = self.leader_version
         if version <= max(self.serving or -1, self.floor) or time.monotonic() < self._refused_until.get(version, 0):

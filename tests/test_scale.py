@@ -94,3 +94,50 @@ def test_bench_cl_on_ray_gives_the_same_rows_as_local_workers(local_ray, tmp_pat
         for key in ("accuracy_matrix", "final_average_accuracy", "average_incremental_accuracy", "forgetting"):
             assert a[key] == b[key], (name, key)
         assert [s["accuracy_matrix"] for s in a["per_seed"]] == [s["accuracy_matrix"] for s in b["per_seed"]]
+
+
+def test_ray_replicas_follow_a_leader_without_a_shared_folder(local_ray, synthetic_ws, tmp_path):
+    """``serve --ray --follow``: each replica keeps its own verified copy (a folder of its own, on its
+    node), fetched from the leader's URL; a new pack on the leader reaches every replica."""
+    from fastapi import FastAPI  # noqa: F401  (the serve extra)
+    from test_serve import ServerThread
+
+    from mmcl_edge.bench.fleet import republish
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime import ray_serve
+    from mmcl_edge.runtime.server import create_app
+    from mmcl_edge.runtime.trust import new_keypair
+
+    ws = tmp_path / "leader"
+    shutil.copytree(synthetic_ws.root, ws)
+    _, public = new_keypair(ws / "keys")
+    republish(ws)  # signed v0003
+    leader = Runtime(ws, providers="cpu", trusted_keys=[public])
+    leader.start_watcher(0.1)
+    sc = synthetic_ws.scenario()
+    inputs = {m: np.stack(sc.test.samples[m][:4]).astype(np.float32) for m in sc.specs}
+    with ServerThread(create_app(leader)) as server:
+        port = free_port()
+        ray_serve.run(str(tmp_path / "replicas"), port=port, replicas=2, providers="cpu", replica_cpus=0.5,
+                      blocking=False, follow={"leader": server.url, "trusted_keys": [public.read_bytes()], "wait": 1.0})
+        base = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + DEADLINE_S
+        seen: dict[str, int] = {}
+        while len(seen) < 2:
+            version, replica, labels = infer(base, inputs)
+            assert version == 3 and labels == leader.predict(inputs).labels
+            seen[replica] = version
+            assert time.monotonic() < end, f"only {len(seen)} replica(s) answered"
+        republish(ws)
+        while not all(v == 4 for v in seen.values()):
+            version, replica, _ = infer(base, inputs)
+            assert replica in seen and version >= seen[replica]  # never back
+            seen[replica] = version
+            assert time.monotonic() < end, f"not every replica reached v0004: {seen}"
+        folders = sorted(p.name for p in (tmp_path / "replicas").iterdir())
+        assert len(folders) == 2 and all(f.startswith("replica-") for f in folders)
+        assert all((tmp_path / "replicas" / f / "current").read_text().strip() == "v0004" for f in folders)
+        from ray import serve
+
+        serve.delete("mmcl-edge")
+    leader.stop()
