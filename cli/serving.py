@@ -63,7 +63,6 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         raise RuntimeUserError("--insecure goes with --follow")
     elif ray and trusted_key:
         raise RuntimeUserError("--trusted-key with --ray goes with --follow (replicas that follow a signing leader)")
-    import socket
 
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.layout import resolve_root

@@ -150,7 +150,12 @@ class Hosts:
     def destroy(self) -> None:
         for p in self.procs:
             stop(p)
-        for ns in self.created:
+        for ns in self.created:  # what our processes left running in our namespaces (daemons: Ray's)
+            for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ValueError, ProcessLookupError, PermissionError):
+                    pass
             _ip("netns", "del", ns, check=False)
         self.created = []
 
