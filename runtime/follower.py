@@ -54,6 +54,9 @@ class Follower:
                  threads: int = 0, wait: float = 5.0, member: str | None = None, port: int | None = None,
                  warmup_seconds: float = 10.0, connect_timeout: float = 3.0):
         self.root = layout.resolve_root(root)
+        if (self.root / layout.WORKSPACE_FILE).is_file():
+            raise RuntimeUserError(f"{self.root} is a learner's workspace; a follower keeps its own folder "
+                                   "(give serve --follow a new -w folder)")
         self.leader = leader.rstrip("/")
         self.base = f"{self.leader}/v2/models/{urllib.parse.quote(model_name)}"
         self.trusted_keys = trusted_keys or []

@@ -188,13 +188,15 @@ def run_cli(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
-def test_cli_follow_flags_are_checked_in_one_line(tmp_path):
+def test_cli_follow_flags_are_checked_in_one_line(synthetic_ws, tmp_path):
     r = run_cli("serve", "-w", tmp_path / "f", "--follow", "http://127.0.0.1:9")
     assert r.returncode == 2 and r.stderr.startswith("error: --follow needs --trusted-key") and "Traceback" not in r.stderr
     r = run_cli("serve", "-w", tmp_path / "f", "--insecure")
     assert r.returncode == 2 and "error: --insecure goes with --follow" in r.stderr
     r = run_cli("serve", "-w", tmp_path / "f", "--follow", "ftp://x", "--insecure")
     assert r.returncode == 2 and "error: --follow takes an http:// URL" in r.stderr
+    r = run_cli("serve", "-w", synthetic_ws.root, "--follow", "http://127.0.0.1:9", "--insecure")
+    assert r.returncode == 2 and "is a learner's workspace; a follower keeps its own folder" in r.stderr
     help_text = run_cli("serve", "--help").stdout
     for flag in ("--follow", "--trusted-key", "--insecure", "--follow-wait"):
         assert flag in help_text
