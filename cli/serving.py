@@ -109,12 +109,20 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         from mmcl_edge.runtime.follower import Follower, FollowerCollector
 
         leader = _leader_url(follow)
+        if trusted_key:
+            from mmcl_edge.runtime.trust import load_public_key
+
+            for k in trusted_key:
+                load_public_key(k)  # fail here, in plain words, before any waiting for the leader
         follower = Follower(workspace, leader, model_name, trusted_keys=list(trusted_key), providers=provider,
                             threads=threads, wait=follow_wait, port=port)
         _check_port(host, port)
         err.print(f"following {leader} into {follower.root}", highlight=False)
-        rt = follower.bootstrap(on_wait=lambda why: err.print(f"waiting for a pack from the leader: {why}",
-                                                              highlight=False, soft_wrap=True))
+        try:
+            rt = follower.bootstrap(on_wait=lambda why: err.print(f"waiting for a pack from the leader: {why}",
+                                                                  highlight=False, soft_wrap=True))
+        except KeyboardInterrupt:  # Ctrl-C while the leader has not answered yet: nothing to undo
+            raise typer.Exit(130) from None
     else:
         rt = Runtime(workspace, providers=provider, threads=threads, trusted_keys=list(trusted_key) or None)
     _check_port(host, port)
