@@ -79,10 +79,7 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
 
         followed = None
         if follow is not None:  # each replica follows the leader into its own folder under -w, on its node
-            from mmcl_edge.runtime.trust import load_public_key
-
-            for k in trusted_key:
-                load_public_key(k)  # fail here, in plain words, if a key is unusable
+            _check_keys(trusted_key)
             followed = {"leader": _leader_url(follow), "trusted_keys": [Path(k).expanduser().read_bytes() for k in trusted_key],
                         "wait": follow_wait}
         else:
@@ -109,11 +106,7 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         from mmcl_edge.runtime.follower import Follower, FollowerCollector
 
         leader = _leader_url(follow)
-        if trusted_key:
-            from mmcl_edge.runtime.trust import load_public_key
-
-            for k in trusted_key:
-                load_public_key(k)  # fail here, in plain words, before any waiting for the leader
+        _check_keys(trusted_key)
         follower = Follower(workspace, leader, model_name, trusted_keys=list(trusted_key), providers=provider,
                             threads=threads, wait=follow_wait, port=port)
         _check_port(host, port)
@@ -144,6 +137,15 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         if follower is not None:
             follower.stop()
         rt.stop()
+
+
+def _check_keys(keys: list[Path]) -> None:
+    """Every trusted key loads, or one plain line now, before any waiting for a leader or Ray."""
+    if keys:
+        from mmcl_edge.runtime.trust import load_public_key
+
+        for k in keys:
+            load_public_key(k)
 
 
 def _leader_url(follow: str) -> str:
