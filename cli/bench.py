@@ -527,6 +527,9 @@ def bench_fleet(
     if not key.is_file() or not (root / "keys" / "signing.key").is_file():
         raise WorkspaceError(f"{root} has no signing key in {root / 'keys'}; 'mmcl-edge keys new --out {root / 'keys'}' "
                              "and learn a task, so its packs are signed")
+    from mmcl_edge.runtime import Runtime
+
+    Runtime(root, providers="cpu", threads=1, trusted_keys=[key]).stop()  # the leader's pack must be signed: say so now
     chosen = None
     if faults != "random":
         chosen = [f.strip() for f in faults.split(",") if f.strip()]
