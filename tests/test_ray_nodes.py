@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,8 +71,8 @@ Path(sys.argv[3]).write_text(json.dumps(out))
 def test_two_node_ray_cluster_on_namespaces_serves_followers_and_runs_bench_cl(synthetic_ws, tmp_path, monkeypatch):
     """A Ray head and a Ray worker on two network hosts (namespaces joined by a veth pair): ``serve
     --ray --follow`` puts a replica on each node, each fetching its packs from the leader's URL; then
-    ``bench cl --ray`` on the same cluster gives the local run's per-method, per-seed numbers. (The
-    namespaces share this machine's file system: the tap cache is still read by path here.)"""
+    ``bench cl --ray`` on the same cluster, its tap cache shipped to the nodes through Ray's object
+    store, gives the local run's per-method, per-seed numbers."""
     from mmcl_edge.bench.cl import ScenarioSpec, run_cl_benchmark
     from mmcl_edge.bench.fleet import Hosts, NamespaceError, republish
     from mmcl_edge.config import LearnConfig
@@ -145,6 +146,8 @@ def test_two_node_ray_cluster_on_namespaces_serves_followers_and_runs_bench_cl(s
         # bench cl --ray on the two nodes: the same numbers as the local run
         in_ns(head, NS_BENCH, f"{head_ip}:6379", tmp_path / "cache", tmp_path / "ray.json", timeout=900)
         on_ray = json.loads((tmp_path / "ray.json").read_text())
+        assert on_ray["tap_cache_shipped"]["bytes"] > 0  # the taps travelled with the jobs
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"mmcl-tap-cache-{on_ray['tap_cache_shipped']['sha256'][:16]}")
         local = run_cl_benchmark(ScenarioSpec("synthetic-cil"), ["mmcl", "ridge", "finetune"], 2,
                                  LearnConfig().override({"train.epochs": 2}), tmp_path / "cache-local", workers=1)
         for name in ("mmcl", "ridge", "finetune"):
