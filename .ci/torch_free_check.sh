@@ -9,7 +9,11 @@ REPO="$(pwd)"
 PY="${PYTHON:-python}"
 WORK="$(mktemp -d)"
 SERVER=""
-cleanup() { if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi; rm -rf "$WORK"; }
+FOLLOWER=""
+cleanup() {
+  for p in $FOLLOWER $SERVER; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 step() { echo "torch-free check: $*"; }
@@ -117,6 +121,33 @@ assert labels == json.load(open(f"{work}/expected.json")), labels
 assert answer["id"] == "ci" and answer["parameters"]["pack_version"] == 2, answer
 assert "mmcl_pack_version 2.0" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
 print("  labels", labels, "from pack v%04d" % answer["parameters"]["pack_version"])
+PY
+step "mmcl-edge serve --follow: a follower of that serve, in its own folder (backbones and pack fetched over HTTP)"
+FPORT="$("$DPY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+"$DEV" serve -w "$WORK/follower" --port "$FPORT" --follow "http://127.0.0.1:$PORT" --insecure > "$WORK/follow.log" 2>&1 &
+FOLLOWER=$!
+"$DPY" - "$FPORT" "$WORK" <<'PY'
+import json, sys, time, urllib.request
+import numpy as np
+port, work = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+end = time.monotonic() + 60
+while True:
+    try:
+        if urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5).status == 200:
+            break
+    except OSError:
+        if time.monotonic() > end:
+            sys.exit("the follower did not become ready: " + open(f"{work}/follow.log").read())
+        time.sleep(0.2)
+with np.load(f"{work}/inputs.npz") as z:
+    body = {"inputs": [{"name": k[2:], "shape": list(z[k].shape), "datatype": "FP32", "data": z[k].ravel().tolist()}
+                       for k in z.files]}
+req = urllib.request.Request(f"{base}/v2/models/mmcl/infer", data=json.dumps(body).encode(), method="POST")
+answer = json.load(urllib.request.urlopen(req, timeout=30))
+labels = next(o for o in answer["outputs"] if o["name"] == "labels")["data"]
+assert labels == json.load(open(f"{work}/expected.json")) and answer["parameters"]["pack_version"] == 2, answer
+print("  the follower answers", labels, "from pack v0002")
 PY
 step "text: a workspace with a text modality, predicted in the device venv (tokenizers, no torch)"
 "$PY" - "$WORK" <<'PY'

@@ -493,3 +493,79 @@ def bench_swap(
               f"request p99 during/without swaps {result.get('request_p99_ratio', float('nan')):.2f}x")
     out.print(f"results: {out_file}")
 
+
+
+@bench_app.command("fleet")
+@user_errors
+def bench_fleet(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w",
+                                   help="The leader's workspace: a signed current pack and its key in WS/keys/."),
+    followers: int = typer.Option(2, min=1, max=8, help="Follower hosts, each its own network namespace and folder."),
+    publishes: int = typer.Option(100, min=1, help="Packs published, one after another."),
+    faults: str = typer.Option("random", help="'random' (one of none, corrupt, tamper, link, leader-kill, "
+                                              "follower-kill per publish) or a comma-separated list, one per publish."),
+    seed: int = typer.Option(0, help="Seed of the random faults and of which follower a fault hits."),
+    link_down: float = typer.Option(30.0, min=0.1, help="Seconds a 'link' fault keeps a follower's link down."),
+    follow_wait: float = typer.Option(5.0, min=0.5, max=30, help="The followers' --follow-wait."),
+    inputs: Optional[Path] = typer.Option(None, help="An .npz of x_<modality> arrays the clients send (default: "
+                                                     "zeros, enough for vector modalities)."),
+    interval: float = typer.Option(0.025, min=0.001, help="Seconds between a client's requests to its follower."),
+    work: Optional[Path] = typer.Option(None, help="Folder for the followers' folders and logs (default: a new "
+                                                   "temporary folder, removed afterwards)."),
+    out_file: Path = typer.Option(Path("bench-fleet.json"), "--out", help="Where the JSON result goes."),
+):
+    """A leader and followers on network namespaces of this machine (root): publish-to-serve time, and
+    publishes under faults (corrupted or tampered archives, a cut link, a killed leader or follower)."""
+    import shutil
+    import tempfile
+
+    from mmcl_edge.bench.fleet import FAULTS, NamespaceError, run
+    from mmcl_edge.runtime.layout import resolve_root
+
+    root = resolve_root(workspace)
+    key = root / "keys" / "signing.pub"
+    if not key.is_file() or not (root / "keys" / "signing.key").is_file():
+        raise WorkspaceError(f"{root} has no signing key in {root / 'keys'}; 'mmcl-edge keys new --out {root / 'keys'}' "
+                             "and learn a task, so its packs are signed")
+    from mmcl_edge.runtime import Runtime
+
+    Runtime(root, providers="cpu", threads=1, trusted_keys=[key]).stop()  # the leader's pack must be signed: say so now
+    chosen = None
+    if faults != "random":
+        chosen = [f.strip() for f in faults.split(",") if f.strip()]
+        bad = sorted(set(chosen) - set(FAULTS))
+        if bad:
+            raise ConfigError(f"unknown faults {bad}; choose from {', '.join(FAULTS)}")
+    folder = Path(tempfile.mkdtemp(prefix="mmcl-bench-fleet-")) if work is None else work
+    try:
+        result = run(root, folder, key, followers=followers, faults=chosen, publishes=publishes, seed=seed,
+                     follow_wait=follow_wait, link_down=link_down, inputs=inputs, interval=interval,
+                     say=lambda line: err.print(escape(line), highlight=False))
+    except NamespaceError as exc:
+        raise ConfigError(f"bench fleet needs network namespaces (run it as root): {exc}") from None
+    finally:
+        if work is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    result.update({"workspace": str(root), "followers_count": followers, "link_down_s": link_down,
+                   "follow_wait_s": follow_wait, "seed": seed})
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    t = Table(title=f"Fleet: {followers} followers, {len(result['rows'])} publishes")
+    for c in ("fault", "publishes", "publish→serve p50 (s)", "max (s)", "after fault ends, max (s)"):
+        t.add_column(c, justify="left" if c == "fault" else "right")
+    for f in FAULTS:
+        rows = [r for r in result["rows"] if r["fault"] == f]
+        if not rows:
+            continue
+        lat = sorted(x for r in rows for x in r["publish_to_serve_s"] if x is not None)
+        aft = [x for r in rows for x in r["after_fault_s"] if x is not None]
+        t.add_row(f, str(len(rows)), f"{lat[len(lat) // 2]:.2f}" if lat else "–", f"{max(lat):.2f}" if lat else "–",
+                  f"{max(aft):.2f}" if aft else "–")
+    out.print(t)
+    s = result["summary"]
+    out.print(f"converged {s['converged']}/{s['publishes']}; failed requests on followers {s['failed_requests']} "
+              f"(answers while a follower was killed are not counted); versions served that were never published "
+              f"{s['unpublished_versions_served']}; versions that went back {s['versions_went_back']}; "
+              f"archives corrupted/tampered in transit {result['proxy']['corrupt']}/{result['proxy']['tamper']}, "
+              f"downloads resumed {result['proxy']['range']}")
+    out.print(f"results: {out_file}")

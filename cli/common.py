@@ -31,7 +31,7 @@ EXTRA_OF_MODULE = {**{m: "learn" for m in ("torch", "sklearn", "scipy", "soundfi
 
 
 COMMAND_NAMES = {"evaluate": "eval", "bench_cl": "bench cl", "bench_latency": "bench latency", "bench_soak": "bench soak",
-                 "bench_encoders": "bench encoders", "bench_swap": "bench swap", "bench_learn": "bench learn",
+                 "bench_encoders": "bench encoders", "bench_swap": "bench swap", "bench_fleet": "bench fleet", "bench_learn": "bench learn",
                  "download_fsdd": "data download-fsdd", "bag_inspect": "bag inspect"}
 
 

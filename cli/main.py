@@ -8,7 +8,7 @@ from mmcl_edge.threads import apply_env_defaults
 
 apply_env_defaults()  # the thread policy's OpenMP wait policy, before any command imports torch (mmcl_edge/threads.py)
 
-from mmcl_edge.cli import bag, bench, data, keys, learning, predicting, serving, teaching  # noqa: E402
+from mmcl_edge.cli import bag, bench, data, fleet, keys, learning, predicting, serving, teaching  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-modal continual learning on edge devices: frozen backbones, cross-modality "
@@ -24,6 +24,7 @@ app.command()(predicting.info)
 app.add_typer(bag.bag_app, name="bag")
 app.add_typer(data.data_app, name="data")
 app.add_typer(bench.bench_app, name="bench")
+app.add_typer(fleet.fleet_app, name="fleet")
 app.add_typer(keys.keys_app, name="keys")
 
 

@@ -17,7 +17,9 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           threads: int = typer.Option(0, help="Threads per onnxruntime session (0: library default)."),
           poll: float = typer.Option(0.5, help="Seconds between looks at WS/current for a new pack."),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: --replicas copies behind one route."),
-          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack."),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each following the current pack (with "
+                                                      "--follow: each a follower, its copy in a folder under -w on "
+                                                      "its own node)."),
           replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
           ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster ('auto' or "
                                                                 "ray://host:port); default: start Ray here."),
@@ -38,10 +40,29 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
           header_timeout: float = typer.Option(10, min=0.1, help="Seconds for a request's line and headers to arrive."),
           max_header_kb: int = typer.Option(16, min=1, help="Largest request line + headers in KiB; larger gets 431."),
           keep_alive: float = typer.Option(5, min=0.1, help="Seconds an idle connection stays open."),
-          max_concurrency: int = typer.Option(64, min=1, help="Connections or requests in flight; more get 503.")):
+          max_concurrency: int = typer.Option(64, min=1, help="Connections or requests in flight; more get 503."),
+          follow: Optional[str] = typer.Option(None, "--follow", help="Run as a follower of the serve at this URL "
+                                               "(http://HOST:PORT): keep -w DIR a verified copy of its backbones and "
+                                               "packs and serve them; no learner, no PyTorch."),
+          trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Serve only packs signed by this Ed25519 "
+                                                 "public key (repeatable); --follow requires one unless --insecure."),
+          insecure: bool = typer.Option(False, "--insecure", help="With --follow and no --trusted-key: accept "
+                                        "unsigned packs (integrity checks only; anyone on the link can feed packs)."),
+          follow_wait: float = typer.Option(5.0, min=0.5, max=30, help="With --follow: seconds each long poll of the "
+                                            "leader waits for a new pack; also bounds how late a follower notices "
+                                            "that a cut link came back.")):
     """Serve the current pack over HTTP (Open Inference Protocol / KServe v2), swapping in new packs live."""
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
-    import socket
+    if follow is not None:
+        if teach:
+            raise RuntimeUserError("--follow serves what the leader learned: it does not go with --teach")
+        if not trusted_key and not insecure:
+            raise RuntimeUserError("--follow needs --trusted-key KEY (the leader's signing.pub), or --insecure to "
+                                   "serve unsigned packs from whoever answers at that address")
+    elif insecure:
+        raise RuntimeUserError("--insecure goes with --follow")
+    elif ray and trusted_key:
+        raise RuntimeUserError("--trusted-key with --ray goes with --follow (replicas that follow a signing leader)")
 
     from mmcl_edge.runtime import Runtime
     from mmcl_edge.runtime.layout import resolve_root
@@ -56,12 +77,18 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
         require_extra("scale", "ray")
         from mmcl_edge.runtime import ray_serve
 
-        Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
-        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol); Ctrl-C stops",
-                  highlight=False)
+        followed = None
+        if follow is not None:  # each replica follows the leader into its own folder under -w, on its node
+            _check_keys(trusted_key)
+            followed = {"leader": _leader_url(follow), "trusted_keys": [Path(k).expanduser().read_bytes() for k in trusted_key],
+                        "wait": follow_wait}
+        else:
+            Runtime(workspace, providers=provider, threads=threads).stop()  # fail here, in plain words, if unusable
+        err.print(f"deploying {replicas} replica(s) on Ray Serve at {url} (Open Inference Protocol)"
+                  + (f", each following {followed['leader']}" if followed else "") + "; Ctrl-C stops", highlight=False)
         ray_serve.run(str(resolve_root(workspace)), host=host, port=port, model_name=model_name,
                       replicas=replicas, providers=provider, threads=threads, poll_seconds=poll,
-                      replica_cpus=replica_cpus, address=ray_address, blocking=True, limits=limits)
+                      replica_cpus=replica_cpus, address=ray_address, blocking=True, limits=limits, follow=followed)
         return
     settings = None
     if teach:
@@ -74,21 +101,67 @@ def serve(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w")
                                  teach_max_forgetting, teach_holdout)
     elif teach_token_file is not None:
         raise RuntimeUserError("--teach-token-file goes with --teach")
-    rt = Runtime(workspace, providers=provider, threads=threads)
+    follower = None
+    if follow is not None:
+        from mmcl_edge.runtime.follower import Follower, FollowerCollector
+
+        leader = _leader_url(follow)
+        _check_keys(trusted_key)
+        follower = Follower(workspace, leader, model_name, trusted_keys=list(trusted_key), providers=provider,
+                            threads=threads, wait=follow_wait, port=port)
+        _check_port(host, port)
+        err.print(f"following {leader} into {follower.root}", highlight=False)
+        try:
+            rt = follower.bootstrap(on_wait=lambda why: err.print(f"waiting for a pack from the leader: {why}",
+                                                                  highlight=False, soft_wrap=True))
+        except KeyboardInterrupt:  # Ctrl-C while the leader has not answered yet: nothing to undo
+            raise typer.Exit(130) from None
+    else:
+        rt = Runtime(workspace, providers=provider, threads=threads, trusted_keys=list(trusted_key) or None)
+    _check_port(host, port)
+    import uvicorn
+
+    if follower is None:
+        rt.start_watcher(poll)
+    else:
+        follower.start()
+    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
+              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
+    app = create_app(rt, model_name, teach=settings, limits=limits)
+    if follower is not None:
+        app.state.fleet.follower = follower
+        app.state.metrics.registry.register(FollowerCollector(follower))
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port)).run()
+    finally:
+        if follower is not None:
+            follower.stop()
+        rt.stop()
+
+
+def _check_keys(keys: list[Path]) -> None:
+    """Every trusted key loads, or one plain line now, before any waiting for a leader or Ray."""
+    if keys:
+        from mmcl_edge.runtime.trust import load_public_key
+
+        for k in keys:
+            load_public_key(k)
+
+
+def _leader_url(follow: str) -> str:
+    leader = follow if "://" in follow else f"http://{follow}"
+    if not leader.startswith(("http://", "https://")):
+        raise RuntimeUserError(f"--follow takes an http:// URL of a running 'mmcl-edge serve', not {follow!r}")
+    return leader
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use is a user's problem: say so in one line, before any work."""
+    import socket
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:  # a port in use is a user's problem: say so in one line
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
         except OSError as exc:
             raise RuntimeUserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    import uvicorn
-
-    rt.start_watcher(poll)
-    err.print(f"serving pack v{rt.pack.version:04d} of {rt.root} at {url} (Open Inference Protocol); "
-              f"metrics at http://{host}:{port}/metrics; new packs swap in live; Ctrl-C stops", highlight=False)
-    try:
-        uvicorn.Server(uvicorn_config(create_app(rt, model_name, teach=settings, limits=limits), host=host,
-                                      port=port)).run()
-    finally:
-        rt.stop()
-

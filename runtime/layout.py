@@ -8,6 +8,8 @@ runtime all use it).
     WS/packs/vNNNN/                one pack per published task
     WS/current                     name of the pack to serve ("vNNNN", a folder directly in WS/packs)
     WS/report.json                 accuracy matrix, summary metrics, per-task timings
+    WS/follow.json                 a follower's leader, workspace id and downgrade floor (serve --follow)
+    WS/downloads/                  a follower's pack archives while they arrive (never a pack folder)
 
 Every file is written to a temporary name in its own folder, flushed and fsynced, renamed over
 the target, and the folder is fsynced: a reader (or a device that loses power) sees the old file
@@ -34,6 +36,8 @@ CURRENT_FILE = "current"
 REPORT_FILE = "report.json"
 HELDOUT_DIR = "heldout"
 INBOX_DIR = "inbox"
+FOLLOW_FILE = "follow.json"
+DOWNLOADS_DIR = "downloads"
 PACK_NAME = re.compile(r"^v(\d{4,9})$")
 TMP_PREFIX = ".tmp-"
 

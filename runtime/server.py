@@ -9,6 +9,8 @@ Torch-free (FastAPI + uvicorn + prometheus-client: the ``serve`` extra). Routes:
     GET  /v2/models/{name}, /v2/models/{name}/ready               model metadata and readiness
     POST /v2/models/{name}/infer                                  inference (JSON, or JSON + binary tensors)
     GET  /metrics                                                 Prometheus text format
+    GET  /v2/models/{name}/packs[/{version}], .../backbones[/{file}], .../fleet   read-only, for followers
+                                                                  (``fleet_routes.py``)
 
 Inputs: one tensor per modality, named after it, datatype FP32 (a text modality: BYTES [B], UTF-8
 strings), the first axis the batch. A request
@@ -579,6 +581,9 @@ def create_app(runtime: Runtime, model_name: str = "mmcl", teach=None, limits: S
             return await read_request(request, runtime, limits)
 
         app.state.learner = add_teach_routes(app, runtime, runtime.root, teach, read, check_model, _error)
+    from mmcl_edge.runtime.fleet_routes import add_fleet_routes
+
+    app.state.fleet = add_fleet_routes(app, runtime, check_model, _error)  # packs, read-only, for followers
     return app
 
 

@@ -9,6 +9,7 @@ import shutil
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,9 @@ def test_bench_cl_on_ray_gives_the_same_rows_as_local_workers(local_ray, tmp_pat
     methods = ["mmcl", "ridge", "finetune"]
     local = run_cl_benchmark(spec, methods, 2, config, tmp_path / "cache", workers=2)
     on_ray = run_cl_benchmark(spec, methods, 2, config, tmp_path / "cache", ray=True)
+    import tempfile
+
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"mmcl-tap-cache-{on_ray['tap_cache_shipped']['sha256'][:16]}")
     assert list(on_ray["methods"]) == methods and on_ray["scenario"] == local["scenario"]
     for name in methods:
         a, b = local["methods"][name], on_ray["methods"][name]

@@ -91,12 +91,53 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _bundle(folder: Path) -> tuple[bytes, str]:
+    """The tap cache as one uncompressed tar (taps do not compress) and its sha256."""
+    import hashlib
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink()):
+            tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def run_one_shipped(spec: ScenarioSpec, name: str, seed: int, config: LearnConfig, digest: str, bundle: list,
+                    threads: int) -> dict:
+    """``run_one`` on a node of its own: the driver's tap cache, shipped through Ray's object store
+    (``bundle``: [ObjectRef]), unpacked once per node into ``$TMPDIR/mmcl-tap-cache-<sha256>`` (kept: the
+    next run with the same taps finds it there)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    import ray
+
+    local = Path(tempfile.gettempdir()) / f"mmcl-tap-cache-{digest[:16]}"
+    if not local.is_dir():
+        tmp = local.with_name(f"{local.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        import io
+
+        with tarfile.open(fileobj=io.BytesIO(ray.get(bundle[0])), mode="r:") as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            os.replace(tmp, local)
+        except OSError:  # another task on this node was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return run_one(spec, name, seed, config, local, threads)
+
+
 def _run_on_ray(spec: ScenarioSpec, jobs: list[tuple[str, int]], config: LearnConfig, cache_root: Path,
                 address: str | None):
     """The jobs as Ray tasks (one CPU, one torch thread each); yields (name, seed, report) as they finish.
 
-    Ray is started here (``ray.init()``) unless ``address`` names a running cluster; the tap cache
-    must then be at the same path on every node (shared storage), or each task re-extracts taps.
+    Ray is started here (``ray.init()``) unless ``address`` names a running cluster. The tap cache
+    travels with the jobs (``run_one_shipped``): no node reads the driver's cache folder, so nothing
+    depends on a path being shared; the data set itself must be readable on every node.
     """
     import ray
 
@@ -104,13 +145,20 @@ def _run_on_ray(spec: ScenarioSpec, jobs: list[tuple[str, int]], config: LearnCo
     if started:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=1)(run_one)
-        pending = {task.remote(spec, name, seed, config, cache_root, 1): (name, seed) for name, seed in jobs}
+        t0 = time.perf_counter()
+        data, digest = _bundle(cache_root)
+        bundle = [ray.put(data)]  # in a list: each task fetches it only when its node has no copy yet
+        shipped = {"bytes": len(data), "bundle_seconds": round(time.perf_counter() - t0, 3), "sha256": digest}
+        del data
+        task = ray.remote(num_cpus=1)(run_one_shipped)
+        pending = {task.remote(spec, name, seed, config, digest, bundle, 1): (name, seed) for name, seed in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 name, seed = pending.pop(ref)
-                yield name, seed, ray.get(ref)
+                report = ray.get(ref)
+                report["tap_cache_shipped"] = shipped
+                yield name, seed, report
     finally:
         if started:
             ray.shutdown()
@@ -171,5 +219,9 @@ def run_cl_benchmark(spec: ScenarioSpec, methods: list[str], seeds: int, config:
         entry["per_seed"] = [{k: r[k] for k in (*SUMMARY_KEYS, "accuracy_matrix", "missing_modality") if k in r}
                              for r in reps]
         methods_out[name] = entry
-    return {"scenario": scenario.name, "setting": scenario.setting, "seeds": seeds, "workers": workers,
-            "config": config.to_dict(), "methods": methods_out}
+    out = {"scenario": scenario.name, "setting": scenario.setting, "seeds": seeds, "workers": workers,
+           "config": config.to_dict(), "methods": methods_out}
+    shipped = next((r["tap_cache_shipped"] for r in runs.values() if "tap_cache_shipped" in r), None)
+    if shipped is not None:
+        out["tap_cache_shipped"] = shipped  # bytes of the tap cache each node received, and the time to bundle it
+    return out
