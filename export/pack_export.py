@@ -186,7 +186,10 @@ def publish_pack(ws, task: int, model) -> Path:
                                label_names=names, setting=ws.setting,
                                preprocess={m: s.to_dict() for m, s in specs.items()},
                                backbones={m: e["identity"] for m, e in index["modalities"].items()},
-                               extra={"scenario": "taught" if ws.taught else ws.scenario().name,
+                               # the backbone files themselves, under the pack's signature: a follower
+                               # that fetched its backbones over a link checks them through this
+                               extra={"backbone_files": {m: e["sha256"] for m, e in index["modalities"].items()},
+                                      "scenario": "taught" if ws.taught else ws.scenario().name,
                                       "workspace_id": ws.meta.get("workspace_id"),
                                       "state_sha256": sha256_file(weights) if weights.is_file() else None,
                                       "provenance": provenance(record)})

@@ -280,6 +280,11 @@ def load_pack(folder: Path, backbones: dict[str, dict], providers: list[str], th
     if manifest["backbones"] != mine:
         raise PackRejected(f"{folder}: trained against backbones {manifest['backbones']}, but this runtime "
                            f"serves {mine}; export the pack from a workspace with the same backbones")
+    files = manifest.get("backbone_files")  # packs since 0.4: the backbones' sha256, signed with the pack
+    if files is not None and files != {m: e.get("sha256") for m, e in backbones.items()}:
+        raise PackRejected(f"{folder}: made for the backbone files {files}, but this runtime loaded "
+                           f"{ {m: e.get('sha256') for m, e in backbones.items()} }: the backbones were changed "
+                           "or replaced after the pack was made")
     expected = [{"name": f"{m}__{t['name']}", "shape": [None, t["tokens"], t["dim"]]}
                 for m, e in backbones.items() for t in e["taps"]]
     declared = [{"name": i.get("name"), "shape": i.get("shape")} if isinstance(i, dict) else i

@@ -167,6 +167,25 @@ def test_malicious_pack_is_refused_and_previous_pack_keeps_serving(signed, synth
     np.testing.assert_array_equal(rt.predict(inputs_of(synthetic_ws)).probabilities, before.probabilities)
 
 
+def test_a_swapped_backbone_fails_the_signed_pack(signed, tmp_path):
+    """A pack names the sha256 of the backbone files it was made for, under its signature: a backbone
+    replaced along with its entry in backbones.json (what a follower's link could do) is caught."""
+    root, _, public = signed
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    index_file = copy / "backbones" / "backbones.json"
+    index = json.loads(index_file.read_text())
+    modality, entry = next(iter(index["modalities"].items()))
+    onnx_file = copy / "backbones" / entry["file"]
+    model = onnx.load(str(onnx_file))
+    model.doc_string = "another file"  # any change of the bytes: the runtime cannot judge what a graph means
+    onnx.save(model, str(onnx_file))
+    entry["sha256"] = sha256_file(onnx_file)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(PackRejected, match="backbone files"):
+        Runtime(copy, providers="cpu", trusted_keys=[public])
+
+
 def test_rollback_is_refused_unless_allowed(signed):
     root, _, public = signed
     rt = Runtime(root, providers="cpu", trusted_keys=[public])
