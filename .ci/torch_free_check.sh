@@ -97,10 +97,11 @@ step "mmcl-edge serve: a round-trip over HTTP on 127.0.0.1"
 PORT="$("$DPY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
 "$DEV" serve -w "$WORK/ws" --port "$PORT" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
-"$DPY" - "$PORT" "$WORK" <<'PY'
+cat > "$WORK/roundtrip.py" <<'PY'
+"""Wait until the server on 127.0.0.1:PORT is ready, infer the saved inputs, check the labels and pack v0002."""
 import json, sys, time, urllib.request
 import numpy as np
-port, work = sys.argv[1], sys.argv[2]
+port, work, log, who = sys.argv[1:5]
 base = f"http://127.0.0.1:{port}"
 end = time.monotonic() + 60
 while True:
@@ -109,7 +110,7 @@ while True:
             break
     except OSError:
         if time.monotonic() > end:
-            sys.exit("the server did not become ready: " + open(f"{work}/serve.log").read())
+            sys.exit(f"the {who} did not become ready: " + open(log).read())
         time.sleep(0.2)
 with np.load(f"{work}/inputs.npz") as z:
     body = {"id": "ci", "inputs": [{"name": k[2:], "shape": list(z[k].shape), "datatype": "FP32",
@@ -120,35 +121,14 @@ labels = next(o for o in answer["outputs"] if o["name"] == "labels")["data"]
 assert labels == json.load(open(f"{work}/expected.json")), labels
 assert answer["id"] == "ci" and answer["parameters"]["pack_version"] == 2, answer
 assert "mmcl_pack_version 2.0" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-print("  labels", labels, "from pack v%04d" % answer["parameters"]["pack_version"])
+print(f"  the {who} answers", labels, "from pack v%04d" % answer["parameters"]["pack_version"])
 PY
+"$DPY" "$WORK/roundtrip.py" "$PORT" "$WORK" "$WORK/serve.log" server
 step "mmcl-edge serve --follow: a follower of that serve, in its own folder (backbones and pack fetched over HTTP)"
 FPORT="$("$DPY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
 "$DEV" serve -w "$WORK/follower" --port "$FPORT" --follow "http://127.0.0.1:$PORT" --insecure > "$WORK/follow.log" 2>&1 &
 FOLLOWER=$!
-"$DPY" - "$FPORT" "$WORK" <<'PY'
-import json, sys, time, urllib.request
-import numpy as np
-port, work = sys.argv[1], sys.argv[2]
-base = f"http://127.0.0.1:{port}"
-end = time.monotonic() + 60
-while True:
-    try:
-        if urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5).status == 200:
-            break
-    except OSError:
-        if time.monotonic() > end:
-            sys.exit("the follower did not become ready: " + open(f"{work}/follow.log").read())
-        time.sleep(0.2)
-with np.load(f"{work}/inputs.npz") as z:
-    body = {"inputs": [{"name": k[2:], "shape": list(z[k].shape), "datatype": "FP32", "data": z[k].ravel().tolist()}
-                       for k in z.files]}
-req = urllib.request.Request(f"{base}/v2/models/mmcl/infer", data=json.dumps(body).encode(), method="POST")
-answer = json.load(urllib.request.urlopen(req, timeout=30))
-labels = next(o for o in answer["outputs"] if o["name"] == "labels")["data"]
-assert labels == json.load(open(f"{work}/expected.json")) and answer["parameters"]["pack_version"] == 2, answer
-print("  the follower answers", labels, "from pack v0002")
-PY
+"$DPY" "$WORK/roundtrip.py" "$FPORT" "$WORK" "$WORK/follow.log" follower
 step "text: a workspace with a text modality, predicted in the device venv (tokenizers, no torch)"
 "$PY" - "$WORK" <<'PY'
 import json, sys
