@@ -56,7 +56,7 @@ def _timed_sessions(rt: Runtime, spent: list[float]):
     return undo
 
 
-def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 5) -> dict:
+def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 30) -> dict:
     """Per-stage latency (ms) of ``rt.predict(inputs)`` over ``repeats`` calls, its wall time as a
     caller sees it (``end_to_end_ms``: the stages' ``total`` stops before the softmax and the answer
     is built), and the runtime's per-request Python overhead: end to end minus preprocessing minus
@@ -179,7 +179,7 @@ def plain_session(path, providers: list[str] | None = None):
     return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
 
 
-def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 5,
+def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 30,
                            plain: bool = True) -> dict[str, dict]:
     """Each backbone alone on already-preprocessed input (ms): the floor end to end is held to.
 

@@ -50,9 +50,9 @@ def release() -> float | None:
     """Hand memory the process no longer uses back to the system; returns resident MB after.
 
     Freed Python objects and PyTorch tensors go back to glibc's heap, which keeps them: after tap
-    extraction a learner held 400-700 MB more than it used (a backbone's activations, at every
-    batch). ``gc.collect`` frees cycles, ``malloc_trim(0)`` returns free heap pages (glibc only;
-    elsewhere a no-op)."""
+    extraction (a backbone's activations, at every batch) an AV-Digits learner held about 300 MB
+    it no longer used, into the next task. ``gc.collect`` frees cycles, ``malloc_trim(0)`` returns
+    free heap pages (glibc only; elsewhere a no-op)."""
     import gc
 
     gc.collect()
