@@ -110,7 +110,10 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
            max_accuracy_drop: float = typer.Option(1.0, help="With --precision: refuse a larger drop, in "
                                                    "accuracy points (unless --force)."),
            threads: int = typer.Option(0, help="With --precision: onnxruntime threads for the checks and "
-                                       "timings (0: as the runtime chooses).")):
+                                       "timings (0: as the runtime chooses)."),
+           modality: list[str] = typer.Option([], "--modality", help="With --precision: convert only this "
+                                              "modality's backbone (repeat; the others keep theirs), e.g. "
+                                              "INT8 IMU and skeleton with the depth network in FP32.")):
     """Export the workspace's frozen backbones to ONNX (once) and publish the latest pack if missing."""
     require_extra("learn")
     from mmcl_edge.export.backbone_export import ensure_backbones, read_index, verify_index
@@ -136,7 +139,7 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
         report = None
         if precision is not None:
             report = change_precision(ws, precision, max_accuracy_drop=max_accuracy_drop, force=force,
-                                      threads=threads, log=err.print)
+                                      threads=threads, log=err.print, modalities=modality or None)
             index = read_index(ws.root / "backbones")
         t = Table(title=f"Backbones in {ws.root / 'backbones'}")
         for c in ("modality", "backbone", "identity", "onnx sha256", "taps"):
@@ -164,6 +167,9 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
                 out.print(f"accuracy on {a['samples']} test samples ({a['pack']}): fp32 {a['fp32']:.2f}%, "
                           f"{p} {a[p]:.2f}% (drop {a['fp32'] - a[p]:.2f} points; predictions agree on "
                           f"{a['agreement']:.2f}%)")
+                if a.get("alone"):
+                    out.print(f"with one modality alone in {p}: "
+                              + ", ".join(f"{m} {v:.2f}%" for m, v in a["alone"].items()))
             else:
                 out.print(f"accuracy not checked: {ws.root} has no pack yet (--force)")
             if report.pack:

@@ -239,7 +239,7 @@ def _train_indices(sc, task: int | None) -> np.ndarray:
 
 def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, force: bool = False,
                      threads: int = 0, calibration_samples: int = CALIBRATION_SAMPLES,
-                     repeats: int = TIMING_REPEATS, log=None) -> PrecisionReport:
+                     repeats: int = TIMING_REPEATS, log=None, modalities: list[str] | None = None) -> PrecisionReport:
     """Serve ``ws``'s backbones in ``precision``; call with the workspace lock held.
 
     For FP16/INT8: convert every FP32 backbone (INT8 calibrated on up to ``calibration_samples``
@@ -249,6 +249,11 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
     (``WorkspaceError``) unless ``force``; refused or failed, nothing on disk changes. Accepted,
     the files are renamed into place, ``backbones.json`` is rewritten and the pack of the last
     learned task is re-published for the new identities. FP32 restores the exported files.
+
+    ``modalities``: convert only these (the others keep the precision they serve in), e.g. UTD-MHAD's
+    IMU and skeleton in INT8 with its depth network in FP32. The accuracy check is then of that mix,
+    and with several converted, ``accuracy["alone"]`` gives the accuracy with each one alone
+    converted: which modality a refusal comes from.
     """
     from mmcl_edge.export.backbone_export import read_index, write_index
 
@@ -260,9 +265,13 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
     if not entries:
         raise WorkspaceError(f"{folder} holds no exported backbones; run 'mmcl-edge export' first")
     previous = {m: entry_precision(e) for m, e in entries.items()}
+    unknown = sorted(set(modalities or []) - set(entries))
+    if unknown:
+        raise ConfigError(f"no backbone for modality {', '.join(unknown)}; this workspace has {', '.join(entries)}")
+    targets = [m for m in entries if not modalities or m in modalities]
     learned = ws.learned_tasks()
     task = learned - 1 if learned else None
-    if all(p == precision for p in previous.values()) and (not force or precision == "fp32"):
+    if all(previous[m] == precision for m in targets) and (not force or precision == "fp32"):
         return PrecisionReport(precision, previous, {m: e.get("quantization", {}) for m, e in entries.items()},
                                None, None, changed=False)
     for m, e in entries.items():
@@ -288,6 +297,10 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
             for m, e in entries.items():
                 spec = sc.specs[m]
                 src = folder / fp32_file(e)
+                if m not in targets:  # kept as it serves: its taps as served, against FP32 ones
+                    if pack_folder is not None:
+                        _served_taps(m, e, folder, sc, test_idx, threads, ref_taps, new_taps)
+                    continue
                 tmp[m] = layout.tmp_name(folder / served_file(m, precision))
                 start = time.perf_counter()
                 if precision == "int8":
@@ -328,18 +341,33 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
                 accuracy = pack_accuracy(pack_folder, entries, ref_taps, new_taps,
                                          np.array([sc.class_names[c] for c in sc.test.y[test_idx]]),
                                          precision, threads)
+                if len(targets) > 1:  # each converted modality alone: where a loss comes from
+                    accuracy["alone"] = {
+                        m: pack_accuracy(pack_folder, entries,
+                                         ref_taps, {k: (new_taps if k.startswith(f"{m}__") else ref_taps)[k]
+                                                    for k in ref_taps},
+                                         np.array([sc.class_names[c] for c in sc.test.y[test_idx]]),
+                                         precision, threads)[precision] for m in targets}
                 for r in records.values():
                     r["accuracy"] = accuracy
                 drop = accuracy["fp32"] - accuracy[precision]
                 if drop > max_accuracy_drop and not force:
+                    hint = ""
+                    alone = accuracy.get("alone") or {}
+                    keep = [m for m in targets if accuracy["fp32"] - alone.get(m, accuracy["fp32"]) > max_accuracy_drop]
+                    if keep and len(keep) < len(targets):
+                        hint = ("; alone, " + ", ".join(f"{m} loses {accuracy['fp32'] - alone[m]:.2f}" for m in keep)
+                                + ": keep it in FP32 with " + " ".join(f"--modality {m}" for m in targets if m not in keep))
                     raise WorkspaceError(
                         f"{precision.upper()} backbones lose {drop:.2f} accuracy points on the test split "
                         f"({accuracy['fp32']:.2f}% -> {accuracy[precision]:.2f}%), more than "
-                        f"--max-accuracy-drop {max_accuracy_drop:g}; nothing was changed (--force accepts it)")
+                        f"--max-accuracy-drop {max_accuracy_drop:g}; nothing was changed (--force accepts it){hint}")
         # commit: files into place, the index, then the pack for the new identities
         new_index = {**index, "modalities": {}}
         for m, e in entries.items():
-            if precision == "fp32":
+            if m not in targets:
+                new_index["modalities"][m] = e
+            elif precision == "fp32":
                 name = fp32_file(e)
                 new_index["modalities"][m] = with_precision(e, "fp32", name, sha256_file(folder / name))
             else:
@@ -361,11 +389,30 @@ def change_precision(ws, precision: str, *, max_accuracy_drop: float = 1.0, forc
         except BaseException:
             write_index(folder, index)  # the served pack still matches the old identities
             raise
-    for m in entries:  # files of a precision no longer served
+    for m in targets:  # files of a precision no longer served
         for p in PRECISIONS:
             if p not in ("fp32", precision):
                 (folder / served_file(m, p)).unlink(missing_ok=True)
     return PrecisionReport(precision, previous, records, accuracy, published, changed=True)
+
+
+def _served_taps(m: str, e: dict, folder: Path, sc, test_idx: np.ndarray, threads: int,
+                 ref_taps: dict, new_taps: dict) -> None:
+    """A modality left as it serves: its FP32 taps into ``ref_taps``, its served taps into ``new_taps``."""
+    names = [t["name"] for t in e["taps"]]
+    files = {"ref": fp32_file(e), "new": e["file"]}
+    got = {}
+    for which, name in files.items():
+        if which == "new" and name == files["ref"]:
+            got["new"] = got["ref"]
+            continue
+        sess = session(folder / name, threads)
+        outs = [sess.run(names, {e["input"]: preprocess_batch([sc.test.samples[m][i] for i in test_idx[b:b + EVAL_BATCH]],
+                                                              sc.specs[m])})
+                for b in range(0, len(test_idx), EVAL_BATCH)]
+        got[which] = [np.concatenate(o) for o in zip(*outs)]
+    ref_taps.update({f"{m}__{n}": t for n, t in zip(names, got["ref"])})
+    new_taps.update({f"{m}__{n}": t for n, t in zip(names, got["new"])})
 
 
 def pack_accuracy(pack_folder: Path, entries: dict, ref_taps: dict, new_taps: dict, y: np.ndarray,

@@ -49,7 +49,8 @@ class StreamingRidgeHead(nn.Module):
     @torch.no_grad()
     def update(self, feats: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         f = feats.double()
-        self.gram += weight * (f.T @ f)
+        outer = f.T @ f
+        self.gram += outer.mul_(weight)  # in place: one [dim, dim] temporary, not two
         self.class_sums.index_add_(1, y, weight * f.T)
 
     @torch.no_grad()
@@ -65,7 +66,8 @@ class StreamingRidgeHead(nn.Module):
             self.gram.copy_(m.T @ self.gram @ m)
             self.class_sums.copy_(m.T @ self.class_sums)
             return
-        cols = m[:, keep:]                              # where each moving feature comes from
+        # where each moving feature comes from (``m`` may be just these columns: ``fit_drift_map(moving_only=True)``)
+        cols = m if m.shape[1] == m.shape[0] - keep else m[:, keep:]
         g_cols = self.gram @ cols                       # [d, a]
         self.gram[:, keep:] = g_cols
         self.gram[keep:, :keep] = g_cols[:keep].T
@@ -76,16 +78,16 @@ class StreamingRidgeHead(nn.Module):
     def solve(self) -> None:
         # The sums are stored as float32 (half the size); rounding them here too makes a run that
         # continues from a saved state bit-identical to one that never stopped.
-        self.gram.copy_(self.gram.float().double())
-        self.class_sums.copy_(self.class_sums.float().double())
+        self.gram.copy_(self.gram.float())
+        self.class_sums.copy_(self.class_sums.float())
         d = self.gram.shape[0]
         lam = self.ridge * torch.trace(self.gram) / d
         # G + lam I is symmetric positive definite: Cholesky costs half of a general solve
-        chol, info = torch.linalg.cholesky_ex(self.gram + lam * torch.eye(d, dtype=self.gram.dtype))
+        chol, info = torch.linalg.cholesky_ex(plus_diagonal(self.gram, lam))
         if int(info) == 0:
             w = torch.cholesky_solve(self.class_sums, chol)
         else:  # not positive definite after rounding (lam == 0 on rank-deficient sums)
-            w = torch.linalg.solve(self.gram + lam * torch.eye(d, dtype=self.gram.dtype), self.class_sums)
+            w = torch.linalg.solve(plus_diagonal(self.gram, lam), self.class_sums)
         self.weight.copy_(w.float())
 
     # Ridge outputs regress one-hot targets (about 0..1); scaling them makes a softmax over them
@@ -96,15 +98,30 @@ class StreamingRidgeHead(nn.Module):
         return (feats @ self.weight) * self.logit_scale
 
 
-def fit_drift_map(old: torch.Tensor, new: torch.Tensor, n_fixed: int, ridge: float = 1e-3) -> torch.Tensor:
+def plus_diagonal(g: torch.Tensor, lam) -> torch.Tensor:
+    """``g + lam * I`` without a dense identity (a 3,233-wide float64 one is 84 MB); the same numbers."""
+    out = g.clone()
+    out.diagonal().add_(lam)
+    return out
+
+
+def fit_drift_map(old: torch.Tensor, new: torch.Tensor, n_fixed: int, ridge: float = 1e-3,
+                  moving_only: bool = False) -> torch.Tensor:
     """The [dim, dim] map that keeps the first ``n_fixed`` features (frozen-backbone part and bias)
-    and regresses the remaining (adapted) features' new values on their old values plus a bias."""
+    and regresses the remaining (adapted) features' new values on their old values plus a bias.
+    ``moving_only``: only its last ``dim - n_fixed`` columns (the rest is the identity), for
+    ``StreamingRidgeHead.transform(..., keep=n_fixed)``: no dense [dim, dim] matrix is built."""
     old, new = old.double(), new.double()
     d = old.shape[1]
     bias_col = n_fixed - 1                                   # the constant-1 feature is the last fixed one
     src = torch.cat([old[:, n_fixed:], old[:, bias_col:bias_col + 1]], dim=1)   # [N, A + 1]
     lam = ridge * torch.trace(src.T @ src) / src.shape[1]
     a = torch.linalg.solve(src.T @ src + lam * torch.eye(src.shape[1], dtype=src.dtype), src.T @ new[:, n_fixed:])
+    if moving_only:
+        cols = torch.zeros(d, d - n_fixed, dtype=torch.float64)
+        cols[n_fixed:] = a[:-1]
+        cols[bias_col] = a[-1]
+        return cols
     m = torch.eye(d, dtype=torch.float64)
     m[n_fixed:, n_fixed:] = a[:-1]
     m[bias_col, n_fixed:] = a[-1]

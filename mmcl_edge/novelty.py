@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from mmcl_edge.analytic import plus_diagonal
+
 DEFAULT_FALSE_ALARM = 0.05
 
 
@@ -43,7 +45,7 @@ def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes:
     g = head.gram.double()
     d = g.shape[0]
     lam = head.ridge * torch.trace(g) / d
-    chol, info = torch.linalg.cholesky_ex(g + lam * torch.eye(d, dtype=g.dtype))
+    chol, info = torch.linalg.cholesky_ex(plus_diagonal(g, lam))
     f = feats.double()
     if int(info) != 0:
         return novelty_from_logits(head(feats)[:, :n_classes])

@@ -156,18 +156,30 @@ class StreamResult:
         return {"accuracy_matrix": self.accuracy_matrix, "tasks": self.tasks, **summarise(self.accuracy_matrix)}
 
 
+def start_task_peak() -> bool:
+    """Start measuring a task's peak resident memory, before its taps are extracted: memory freed
+    by the previous task goes back to the system first, so the peak is this task's own. False where
+    only the process's all-time peak can be read."""
+    memory.release()
+    return memory.reset_peak()
+
+
+def task_peak(per_task: bool) -> dict:
+    """The record's ``peak_rss_mb`` (MB) and its scope: ``task`` since ``start_task_peak``, or ``process``."""
+    return {"peak_rss_mb": memory.peak_rss_mb(), "peak_rss_scope": "task" if per_task else "process"}
+
+
 def learn_one_task(learner: Learner, t: int, train: TaskData, n_seen: int,
-                   heldouts: list[TaskData | None]) -> tuple[list[float | None], dict]:
+                   heldouts: list[TaskData | None], peak_started: bool | None = None) -> tuple[list[float | None], dict]:
     """Learn task ``t`` from its training taps and evaluate on the held-out data of every task so
     far (``heldouts[j]``: task j's, this one's last). The one step that the workspace (every task a
     device is taught) and the benchmark (every method and baseline) share. Returns (row of R,
-    the task's learning record)."""
-    per_task_peak = memory.reset_peak()
+    the task's learning record). ``peak_started``: what ``start_task_peak`` returned before the
+    task's taps were extracted (None: the peak is measured from here)."""
+    per_task = start_task_peak() if peak_started is None else peak_started
     info = learner.learn_task(t, train, n_seen)
     row = accuracy_row(learner, heldouts)
-    # resident memory of the learning process: its peak during this task (else since it began)
-    return row, {"train_samples": int(len(train)), **info, "peak_rss_mb": memory.peak_rss_mb(),
-                 "peak_rss_scope": "task" if per_task_peak else "process"}
+    return row, {"train_samples": int(len(train)), **info, **task_peak(per_task)}
 
 
 def scenario_classes(scenario: Scenario) -> list[str]:
@@ -198,9 +210,11 @@ def run_tasks(tasks, learner: Learner, source: TapSource, classes: list[str] | N
     classes = list(classes or [])
     for t, task in enumerate(tasks):
         classes = add_classes(classes, task)
+        per_task = start_task_peak()
         train, heldout, extract_s, extracted = task_taps(source, task, classes, f"task {t}")
+        memory.release()  # the backbones' activations: freed, but glibc's heap would keep them
         result.heldouts.append(heldout)
-        row, info = learn_one_task(learner, t, train, len(classes), result.heldouts)
+        row, info = learn_one_task(learner, t, train, len(classes), result.heldouts, per_task)
         record = {"index": t, "name": task.name, "classes": [task.names[int(c)] for c in np.unique(task.train.y)],
                   "extract_seconds": extract_s, "samples_extracted": extracted, **info}
         result.accuracy_matrix.append(row)

@@ -24,7 +24,6 @@ state, or rolls back a state that was never committed, and says which.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 import uuid
@@ -43,7 +42,9 @@ from mmcl_edge.learners import AdapterLearner
 from mmcl_edge.metrics import summarise
 from mmcl_edge.model import MMCLModel
 from mmcl_edge.runtime import layout
-from mmcl_edge.stream import TapSource, accuracy_row, add_classes, learn_one_task, scenario_classes, square, task_taps
+from mmcl_edge.runtime import memory
+from mmcl_edge.stream import (TapSource, accuracy_row, add_classes, learn_one_task, scenario_classes, square,
+                              start_task_peak, task_peak, task_taps)
 
 FORMAT_VERSION = 2  # 2: modalities and input shapes kept (a workspace may be taught with no data set)
 DEFAULT_MAX_FORGETTING = 5.0  # points of accuracy on earlier held-out data a new pack may lose
@@ -387,9 +388,7 @@ class Workspace:
             return AdapterLearner(self.config, src.modality_taps, self.setting, n_classes)
         model = self.load_model(k - 1)
         learner = AdapterLearner(self.config, src.modality_taps, self.setting, n_classes, model=model)
-        learner.old = copy.deepcopy(model).eval()
-        for p in learner.old.parameters():
-            p.requires_grad_(False)
+        learner.old = model.teacher()
         return learner
 
     def learn(self, task: int | None = None, force: bool = False, progress: Callable | None = None,
@@ -469,13 +468,15 @@ class Workspace:
             raise DataFormatError(f"class(es) {', '.join(new)} are new, but this workspace learns new conditions "
                                   f"of a fixed label set ({', '.join(before)})")
         src = self.tap_source(progress)
+        per_task = start_task_peak()  # the task's peak: its taps, learning and pack (report.json)
         train, held, extract_s, extracted = task_taps(src, task, classes, f"task {k}")
+        memory.release()  # the backbones' activations: freed, but glibc's heap would keep them
         heldouts = [self.heldout(j) for j in range(k)] + [held]
         learner = self.learner_at(k)
         self._learner = None  # it is about to change: a refused task must not leave it half-taught
         earlier = [(j, h) for j, h in enumerate(heldouts[:k]) if h is not None and len(h)]
         prev_pred = {j: learner.predict(h) for j, h in earlier} if k else {}
-        row, info = learn_one_task(learner, k, train, len(classes), heldouts)
+        row, info = learn_one_task(learner, k, train, len(classes), heldouts, per_task)
         gate = forgetting_gate(learner, earlier, prev_pred, classes, max_forgetting)
         calibrate_novelty(learner, heldouts, self.config.novelty.false_alarm)
         record = {"index": k, "name": task.name or f"task {k}", "classes": [task.names[int(c)] for c in np.unique(task.train.y)],
@@ -498,6 +499,8 @@ class Workspace:
             "task": k, "class_names": classes, "origin": task.origin, "report_row": row, "report_record": record})
         # (2) the pack, made current, (3) the report row
         pack = self.after_task(k, learner.model)
+        record.update(task_peak(per_task))  # now with the pack's export (the state keeps the peak before it)
+        memory.release()
         report = self.report()
         report["accuracy_matrix"] = report["accuracy_matrix"][:k] + [row]
         report["tasks"] = report["tasks"][:k] + [record]

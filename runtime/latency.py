@@ -22,19 +22,76 @@ def percentiles(ms: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
-def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 5) -> dict:
-    """Per-stage latency (ms) of ``rt.predict(inputs)`` over ``repeats`` calls."""
+class _TimedSession:
+    """Stands in for an onnxruntime session while ``measure_predict`` runs: adds the wall time of
+    each ``run`` (the C++ call) to ``spent``, so the rest of a request is the runtime's own Python."""
+
+    def __init__(self, session, spent: list[float]):
+        self._session, self._spent = session, spent
+
+    def run(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            self._spent[0] += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def _timed_sessions(rt: Runtime, spent: list[float]):
+    """Wrap every session a request can run (backbones and the serving pack); returns the undo.
+    None where a backbone is not an onnxruntime session (a TensorRT engine): then nothing is wrapped."""
+    runners = list(rt.backbones._runners.values())
+    if not all(hasattr(r, "session") for r in runners):
+        return None
+    pack = rt.pack
+    for holder in (*runners, pack):
+        holder.session = _TimedSession(holder.session, spent)
+
+    def undo():
+        for holder in (*runners, pack):
+            holder.session = holder.session._session
+    return undo
+
+
+def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 30) -> dict:
+    """Per-stage latency (ms) of ``rt.predict(inputs)`` over ``repeats`` calls, its wall time as a
+    caller sees it (``end_to_end_ms``: the stages' ``total`` stops before the softmax and the answer
+    is built), and the runtime's per-request Python overhead: end to end minus preprocessing minus
+    the time inside onnxruntime's ``run`` calls (``python_overhead_ms``; ``sessions_ms``: inside)."""
     for _ in range(warmup):
         rt.predict(inputs)
     stages: dict[str, list[float]] = {}
+    sessions, overhead, wall_ms = [], [], []
+    spent = [0.0]
+    undo = _timed_sessions(rt, spent)
     start = time.perf_counter()
-    for _ in range(repeats):
-        for k, v in rt.predict(inputs).timings_ms.items():
-            stages.setdefault(k, []).append(v)
-    wall = time.perf_counter() - start
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            t = rt.predict(inputs).timings_ms
+            wall_ms.append(1e3 * (time.perf_counter() - t0))
+            for k, v in t.items():
+                stages.setdefault(k, []).append(v)
+            if undo is not None:
+                sessions.append(1e3 * spent[0])
+                overhead.append(wall_ms[-1] - t["preprocess"] - 1e3 * spent[0])
+    finally:
+        wall = time.perf_counter() - start
+        if undo is not None:
+            undo()
     batch = len(rt.predict(inputs).labels)
-    return {"batch": batch, "stages_ms": {k: percentiles(v) for k, v in stages.items()},
-            "throughput_samples_per_s": batch * repeats / wall}
+    out = {"batch": batch, "stages_ms": {k: percentiles(v) for k, v in stages.items()},
+           "end_to_end_ms": percentiles(wall_ms), "throughput_samples_per_s": batch * repeats / wall}
+    out["p99_over_p50"] = {k: v["p99"] / v["p50"] for k, v in (*out["stages_ms"].items(),
+                                                              ("end_to_end", out["end_to_end_ms"]))}
+    if undo is not None:
+        out["sessions_ms"] = percentiles(sessions)
+        out["python_overhead_ms"] = percentiles(overhead)
+    return out
 
 
 def servable_packs(rt: Runtime, n: int = 2) -> list[Path]:
@@ -114,21 +171,41 @@ def example_inputs(rt: Runtime, batch: int, seed: int = 0) -> dict[str, list[np.
     return inputs
 
 
-def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 5) -> dict[str, dict]:
-    """Each backbone session alone on already-preprocessed input (ms): the floor end to end is held to."""
+def plain_session(path, providers: list[str] | None = None):
+    """The plainest session a user could write, ``onnxruntime.InferenceSession(path)``: onnxruntime's
+    defaults (every graph optimisation, one intra-op thread per physical core, idle threads spinning)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+
+
+def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 30,
+                           plain: bool = True) -> dict[str, dict]:
+    """Each backbone alone on already-preprocessed input (ms): the floor end to end is held to.
+
+    ``plain``: in ``plain_session`` (what a user would time, so the runtime's ratio to it is not
+    flattered by the runtime's own session settings); else in the runtime's own sessions."""
     out = {}
     for m in rt.backbones.modalities:
         if m not in inputs:
             continue
         x = rt.backbones.preprocess(m, inputs[m])
+        if plain:
+            entry = rt.backbones.index[m]
+            sess = plain_session(rt.backbones.folder / entry["file"], rt.providers)
+            feed = {entry["input"]: np.ascontiguousarray(x, dtype=np.float32)}
+            run = lambda: sess.run(None, feed)  # noqa: E731
+        else:
+            run = lambda: rt.backbones.run(m, x)  # noqa: E731
         for _ in range(warmup):
-            rt.backbones.run(m, x)
+            run()
         ms = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            rt.backbones.run(m, x)
+            run()
             ms.append(1e3 * (time.perf_counter() - t0))
         out[m] = percentiles(ms)
+        run = sess = None  # a plain session's spinning threads go with it
     return out
 
 

@@ -154,3 +154,34 @@ def test_fit_drift_map_recovers_linear_drift():
     np.testing.assert_allclose(m[n_fixed - 1, n_fixed:], b_true, atol=1e-6)
     np.testing.assert_allclose(m[: n_fixed - 1, n_fixed:], 0.0, atol=0)
     np.testing.assert_allclose(old @ m, new, atol=1e-6)
+
+    # the learner asks for the moving columns only (no dense [dim, dim] identity): the same head after
+    cols = fit_drift_map(torch.tensor(old), torch.tensor(new), n_fixed, ridge=1e-10, moving_only=True)
+    np.testing.assert_array_equal(cols.numpy(), m[:, n_fixed:])
+    f, y = torch.tensor(old, dtype=torch.float32), torch.tensor(np.arange(n) % 3)
+    full, lean = StreamingRidgeHead(n_fixed + n_adapted, 3), StreamingRidgeHead(n_fixed + n_adapted, 3)
+    for h, mm in ((full, torch.tensor(m)), (lean, cols)):
+        h.update(f, y)
+        h.transform(mm, keep=n_fixed)
+        h.solve()
+    assert torch.equal(full.gram, lean.gram) and torch.equal(full.weight, lean.weight)
+
+
+def test_teacher_is_a_frozen_copy_without_the_ridge_sums():
+    """The distillation teacher gives the model's training logits but holds no Gram matrix (84 MB
+    on AV-Digits); the model keeps its own."""
+    from mmcl_edge.backbones import TapSpec
+    from mmcl_edge.config import EncoderConfig
+    from mmcl_edge.model import MMCLModel
+
+    taps = {"a": (TapSpec("t0", 4, 16),), "b": (TapSpec("t0", 2, 8),)}
+    model = MMCLModel(taps, EncoderConfig(tap_rank=4), "class-il", n_classes=3, head_blocks=[3], head_mode="analytic").eval()
+    gen = torch.Generator().manual_seed(0)
+    x = {"a": [torch.randn(5, 4, 16, generator=gen)], "b": [torch.randn(5, 2, 8, generator=gen)]}
+    model.analytic.update(model.features(x, model.encoder(x)), torch.tensor([0, 1, 2, 0, 1]))
+    gram = model.analytic.gram.clone()
+    old = model.teacher()
+    assert old.analytic.gram.numel() == 0 and old.analytic.class_sums.numel() == 0
+    assert torch.equal(model.analytic.gram, gram)
+    assert not any(p.requires_grad for p in old.parameters()) and not old.training
+    assert torch.equal(old.training_logits(x)[0], model.training_logits(x)[0])

@@ -93,7 +93,18 @@ def test_bench_latency_json_keys_and_consistency(synthetic_ws, tmp_path):
     assert e["pack_over_backbone"] == pytest.approx(st["pack"]["p50"] / st["backbone"]["p50"])
     assert set(e["bare_backbone_ms"]) == set(d["backbone_bytes"]) == set(d["backbone_flops"])
     assert e["bare_backbones_p50_ms"] == pytest.approx(sum(p["p50"] for p in e["bare_backbone_ms"].values()))
-    assert e["total_over_bare_backbones"] == pytest.approx(st["total"]["p50"] / e["bare_backbones_p50_ms"])
+    assert e["total_over_bare_backbones"] == pytest.approx(e["end_to_end_ms"]["p50"] / e["bare_backbones_p50_ms"])
+    assert e["end_to_end_ms"]["mean"] >= st["total"]["mean"]  # the caller also waits for the answer to be built
+    assert set(e["runtime_session_backbone_ms"]) == set(e["bare_backbone_ms"])
+    assert e["runtime_session_backbones_p50_ms"] == pytest.approx(
+        sum(p["p50"] for p in e["runtime_session_backbone_ms"].values()))
+    assert e["p99_over_p50"]["total"] == pytest.approx(st["total"]["p99"] / st["total"]["p50"])
+    # a request = preprocessing + time inside onnxruntime + the runtime's Python: means add up
+    assert e["python_overhead_ms"]["mean"] == pytest.approx(
+        e["end_to_end_ms"]["mean"] - st["preprocess"]["mean"] - e["sessions_ms"]["mean"], abs=1e-6)
+    assert 0 < e["sessions_ms"]["mean"] <= st["backbone"]["mean"] + st["pack"]["mean"] + 0.05
+    assert e["python_overhead_ms"]["p50"] > 0
+    assert len(d["loadavg"]) == 3 and "InferenceSession" in d["bare"]
     for m, g in e["backbone_gflops_per_s"].items():
         assert g == pytest.approx(d["backbone_flops"][m] / (e["bare_backbone_ms"][m]["p50"] * 1e-3) / 1e9)
     eager = e["pytorch_eager_ms"]
@@ -102,7 +113,7 @@ def test_bench_latency_json_keys_and_consistency(synthetic_ws, tmp_path):
     mem = d["runtime_memory_mb"]
     assert 0 < mem["rss_mb"] <= mem["peak_rss_mb"] and mem["torch_loaded"] is False
     assert d["pack_kb"] == sum(d["pack_bytes"].values()) // 1024
-    assert "GFLOP/s" in r.output and "resident" in r.output
+    assert "GFLOP/s" in r.output and "resident" in r.output and "Python overhead" in r.output
 
 
 def test_bench_swap_under_load(synthetic_ws, tmp_path):
@@ -145,3 +156,20 @@ def test_workspace_from_before_tap_rank_keeps_full_rank(tmp_path, synthetic_ws):
     del meta["config"]["encoder"]["tap_rank"]
     (ws / "workspace.json").write_text(json.dumps(meta))
     assert Workspace.open(ws).config.encoder.tap_rank == 0
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc and glibc's malloc_trim")
+def test_release_returns_freed_heap_to_the_system():
+    """What the learner calls between a task's stages: memory freed in small blocks stays resident in
+    glibc's heap until ``release`` trims it."""
+    from mmcl_edge.runtime.memory import _malloc_trim, release, rss_mb
+
+    if _malloc_trim() is None:
+        pytest.skip("no malloc_trim (not glibc)")
+    release()
+    blocks = [np.ones(8192) for _ in range(4000)]  # 64 KB each, below glibc's mmap threshold: 256 MB of heap
+    held = rss_mb()
+    del blocks[::2]  # holes between live blocks: glibc keeps them until trimmed
+    after = release()
+    assert after < held - 80
+    del blocks

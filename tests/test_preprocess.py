@@ -150,3 +150,14 @@ def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown modality kind"):
         PreprocessSpec(kind="lidar")
     assert set(KINDS) == {"image", "audio", "timeseries", "video", "vector", "text"}
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 64), (1, 8, 8), (3, 5, 7), (40, 4)])
+def test_running_sum_is_cumsum_bit_for_bit(shape):
+    """The depth clip's motion history: frame-by-frame sums must equal numpy's cumsum exactly, so
+    taps cached before the change and the runtime's preprocessing stay the same."""
+    from mmcl_edge.preprocess import running_sum
+
+    x = (np.random.default_rng(sum(shape)).random(shape, dtype=np.float32) * 1000).astype(np.float32)
+    assert np.array_equal(running_sum(x), np.cumsum(x, axis=0))
+    assert running_sum(x[:0]).shape == x[:0].shape

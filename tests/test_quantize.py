@@ -204,3 +204,37 @@ def test_int8_conv_net_parity_without_data(tmp_path):
     got = session(dst).run(None, {"x": x[32:]})[0]
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cos.min() >= 0.98, cos.min()
+
+
+def test_one_modality_in_int8_and_the_others_as_they_serve(ws, monkeypatch):
+    """Per-modality precision: a conversion that destroys one modality's taps is refused with the
+    culprit named (each modality alone measured); converting only the others serves a mix, and the
+    pack carries each backbone's own identity."""
+    folder = ws.root / "backbones"
+    before = read_index(folder)["modalities"]
+    bad, good = sorted(before)[:2]
+    real = q.quantize_int8
+
+    def destroys_one(src, dst, *args, **kw):
+        return (zeroing_converter if f"{bad}.int8.onnx" in str(dst) else real)(src, dst, *args, **kw)
+
+    monkeypatch.setattr(q, "quantize_int8", destroys_one)
+    snap = snapshot(ws.root)
+    with ws.lock("export"), pytest.raises(Exception, match=f"alone, {bad} loses .*--modality {good}") as refused:
+        q.change_precision(ws, "int8", threads=1, repeats=3)
+    assert "nothing was changed" in str(refused.value) and snapshot(ws.root) == snap
+    with ws.lock("export"):
+        report = q.change_precision(ws, "int8", threads=1, repeats=3, modalities=[good])
+    assert report.changed and set(report.modalities) == {good}
+    assert report.accuracy["fp32"] - report.accuracy["int8"] <= 1.0
+    after = read_index(folder)["modalities"]
+    assert after[bad] == before[bad] and after[good]["identity"] == before[good]["identity"] + "-int8"
+    manifest = json.loads((ws.root / "packs" / report.pack / "manifest.json").read_text())
+    assert manifest["backbones"] == {m: e["identity"] for m, e in after.items()}
+    rt = Runtime(ws.root, providers="cpu", threads=1)
+    sc = ws.scenario()
+    assert len(rt.predict({m: sc.test.samples[m][:3] for m in sc.specs}).labels) == 3
+    with ws.lock("export"):  # the other one already serves INT8: nothing to do for it
+        assert not q.change_precision(ws, "int8", threads=1, modalities=[good]).changed
+        with pytest.raises(Exception, match="no backbone for modality nope"):
+            q.change_precision(ws, "int8", threads=1, modalities=["nope"])

@@ -140,12 +140,8 @@ def run_path(spec: dict, emit: Callable[[dict], None] = _emit) -> dict:
         src = TapSource(sc, Path(cache))         # the backbones (not timed: the same for every path)
         learner = AdapterLearner(cfg, src.modality_taps, sc.setting, sc.num_classes)
         if path == "full" and k > 0:  # the full method continues from the state after the task before
-            import copy
-
             learner = AdapterLearner(cfg, src.modality_taps, sc.setting, sc.num_classes, model=ws.load_model(k - 1))
-            learner.old = copy.deepcopy(learner.model).eval()
-            for p in learner.old.parameters():
-                p.requires_grad_(False)
+            learner.old = learner.model.teacher()
         steps = cfg.train.epochs * max(1, int(np.ceil(len(idx) / cfg.train.batch_size)))
         done = [0]
 

@@ -3,7 +3,6 @@ freezing of influential experts. Baselines that train the same adapters reuse th
 switch terms on or off (finetune, LwF) or add one penalty (EWC, replay)."""
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 
@@ -134,9 +133,7 @@ class AdapterLearner(Learner):
         if model.analytic is not None:
             self._update_analytic(data, before)
         self.after_task(data)
-        self.old = copy.deepcopy(model).eval()
-        for p in self.old.parameters():
-            p.requires_grad_(False)
+        self.old = model.teacher()
         return {"train_seconds": time.perf_counter() - start, "newly_frozen_experts": newly_frozen,
                 "frozen_experts": model.encoder.frozen_experts()}
 
@@ -187,7 +184,7 @@ class AdapterLearner(Learner):
         after = [self._features(v) for v, _ in views]
         if before is not None:
             n_fixed = self.model.fixed_feature_dim()
-            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), n_fixed), keep=n_fixed)
+            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), n_fixed, moving_only=True), keep=n_fixed)
         y = torch.from_numpy(data.y).long()
         for f, (_, weight) in zip(after, views):
             head.update(f, y, weight)
