@@ -173,3 +173,18 @@ def test_release_returns_freed_heap_to_the_system():
     after = release()
     assert after < held - 80
     del blocks
+
+
+def test_serve_spinning_is_off_unless_asked(synthetic_ws, monkeypatch):
+    """Idle onnxruntime threads sleep by default (they would steal a small CPU's cores from a learner);
+    MMCL_EDGE_SERVE_SPIN=1 lets a device that only serves have the lower latency."""
+    from mmcl_edge.runtime.providers import session
+
+    backbone = sorted((synthetic_ws.root / "backbones").glob("*.onnx"))[0]
+    for value, expected in ((None, "0"), ("1", "1"), ("0", "0")):
+        if value is None:
+            monkeypatch.delenv("MMCL_EDGE_SERVE_SPIN", raising=False)
+        else:
+            monkeypatch.setenv("MMCL_EDGE_SERVE_SPIN", value)
+        opts = session(backbone, ["CPUExecutionProvider"]).get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == expected
