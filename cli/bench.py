@@ -253,9 +253,11 @@ def bench_teach(
                   f"{100 * nov['seen_flagged']:.1f}% of seen-class samples, {100 * nov['unseen_flagged']:.1f}% of unseen")
     tts = (result["runs"].get("5") or {}).get("teach_to_serve")
     if tts:
-        out.print(f"teach-to-serve: {tts['teach_to_serve_seconds']:.1f} s from POST learn to the first answer naming a new "
-                  f"class (learning {tts['learn_seconds']:.1f} s); serving p99 {tts['quiet_p99_ms']:.1f} ms quiet, "
-                  f"{tts['learning_p99_ms']:.1f} ms while learning ({tts['p99_ratio']:.2f}x)")
+        num = lambda v, unit="", fmt=".1f": "–" if v is None else f"{v:{fmt}}{unit}"  # noqa: E731
+        out.print(f"teach-to-serve: {num(tts['teach_to_serve_seconds'], ' s')} from POST learn to the first answer "
+                  f"naming a new class (learning {num(tts['learn_seconds'], ' s')}, job {tts['job'].get('state')}); "
+                  f"serving p99 {num(tts['quiet_p99_ms'], ' ms')} quiet, {num(tts['learning_p99_ms'], ' ms')} while "
+                  f"learning ({num(tts['p99_ratio'], 'x', '.2f')})")
     out.print(f"results: {out_file}")
 
 

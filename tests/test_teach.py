@@ -229,3 +229,19 @@ def test_a_workspace_from_before_the_task_log_stays_readable(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((ws.root / "report.json").read_text())
     assert len(report["accuracy_matrix"]) == 2 and report["accuracy_matrix"][1][0] is not None
+
+
+def test_bench_teach_small_version_runs_the_served_path(tmp_path):
+    """`bench teach` end to end on the tiny synthetic stream: task folders, the teach path against its
+    baselines, and teach-to-serve through a real `serve --teach` process (the acceptance bench's small copy)."""
+    out = tmp_path / "teach.json"
+    r = invoke("bench", "teach", "--scenario", "synthetic-cil", "--shots", "5", "--epochs", "2",
+               "--work", tmp_path / "work", "--out", out)
+    assert r.exit_code == 0, r.output
+    run = json.loads(out.read_text())["runs"]["5"]
+    for method in ("mmcl", "imprinting", "ridge"):
+        assert 0.0 <= run[method]["final_average_accuracy"] <= 1.0
+    tts = run["teach_to_serve"]
+    assert tts["samples_posted"] > 0 and tts["job"]["state"] == "published"
+    assert tts["teach_to_serve_seconds"] is not None and tts["learn_seconds"] is not None
+    assert "teach-to-serve:" in r.output

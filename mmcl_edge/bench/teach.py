@@ -49,6 +49,8 @@ def task_folders(scenario, root: Path, shots: int | None, seed: int = 0, new_sub
     subject = None
     if new_subject and test.domain is not None:
         subject = int(np.unique(test.domain)[0])
+        if not all((test.domain[t.test_idx] != subject).any() for t in scenario.tasks):
+            subject = None  # a task would keep no held-out sample: no subject is set aside
     folders = []
     for k, task in enumerate(scenario.tasks):
         idx = task.train_idx
@@ -265,6 +267,13 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
                 first_answer = time.monotonic()
                 break
             time.sleep(0.05)
+        # the watcher may serve the new pack before the learner has marked its job published
+        while published is None and time.monotonic() - t0 < deadline:
+            state = _get(f"{base}/learn/{job['id']}", auth)
+            if state["state"] in ("published", "refused", "failed"):
+                published = time.monotonic()
+            else:
+                time.sleep(0.05)
         learn_end = published or time.monotonic()
         stop.set()
         th.join(timeout=60)
