@@ -214,6 +214,8 @@ def bench_teach(
     new_subject: bool = typer.Option(True, help="UTD-MHAD: keep the first test subject out of the held-out data and "
                                                 "teach its samples of known classes last (--no-new-subject: the stream "
                                                 "exactly as 'learn --scenario' sees it, for comparing the two paths)."),
+    teach_warm: bool = typer.Option(False, "--teach-warm", help="Teach-to-serve with 'serve --teach --teach-warm' "
+                                                               "(the learner process started and waiting)."),
 ):
     """Tasks arriving as folders, taught one by one (as 'mmcl-edge teach' does): accuracy matrix, forgetting, the gate's decisions and two baselines (imprinting, ridge on frozen features) for 1, 5 and all samples per new class; novelty AUROC; teach-to-serve seconds on a live server.
 
@@ -235,7 +237,8 @@ def bench_teach(
     if serve and 5 not in counts:
         err.print("note: teach-to-serve is measured with 5 samples per class; add 5 to --shots to measure it")
     result = run_teach_bench(scenario, str(data_dir) if data_dir else None, counts, work, epochs, seed, serve,
-                             say=lambda m: err.print(m, highlight=False), progress=progress_bar, new_subject=new_subject)
+                             say=lambda m: err.print(m, highlight=False), progress=progress_bar, new_subject=new_subject,
+                             warm=teach_warm)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"Teaching {scenario} task by task — final average accuracy (%), forgetting (points)")

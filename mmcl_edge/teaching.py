@@ -6,6 +6,7 @@ its modalities and their options taken from that task's folder.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,9 +45,11 @@ def teach_folder(root, folder, *, holdout: float | None = None, seed: int = 0, o
 
 
 def learn_inbox(root, *, max_forgetting: float | None = DEFAULT_MAX_FORGETTING, holdout: float | None = None,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, wait: bool = False, poll: float = 0.1) -> list[dict]:
     """Learn every queued job of the service's inbox, oldest first, each as one task; a job ends
-    ``published``, ``refused`` (the gate; with its reason) or ``failed`` (with the error)."""
+    ``published``, ``refused`` (the gate; with its reason) or ``failed`` (with the error). With
+    ``wait`` it never returns: it loads what a task needs once and polls the inbox for the next job
+    (SIGTERM ends it; a job it was learning is re-queued by the next service)."""
     from mmcl_edge.data.generic import split_holdout
     from mmcl_edge.errors import MMCLError
     from mmcl_edge.runtime.inbox import Inbox
@@ -54,11 +57,19 @@ def learn_inbox(root, *, max_forgetting: float | None = DEFAULT_MAX_FORGETTING, 
 
     inbox = Inbox(root)
     ws = Workspace.open(root)
+    parent = os.getppid()
+    if wait:
+        ws.tap_source()  # PyTorch and the backbones' code imported and built once, before any job
     done = []
     while True:
         queued = inbox.queued()
         if not queued:
-            return done
+            if not wait or os.getppid() != parent:  # waiting ends with the service, however it ended
+                return done
+            time.sleep(poll)
+            continue
+        if wait:  # the workspace as it is now on disk (a task may have been taught by another command)
+            ws = Workspace.open(root)
         job = queued[0]
         inbox.set_state(job, "learning", started=time.time())
         try:
@@ -96,8 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--inbox", required=True, help="the workspace whose inbox jobs to learn")
     p.add_argument("--max-forgetting", type=float, default=DEFAULT_MAX_FORGETTING)
     p.add_argument("--holdout", type=float, default=None)
+    p.add_argument("--wait", action="store_true", help="keep waiting for jobs (serve --teach-warm)")
     args = p.parse_args(argv)
-    learn_inbox(args.inbox, max_forgetting=args.max_forgetting, holdout=args.holdout)
+    learn_inbox(args.inbox, max_forgetting=args.max_forgetting, holdout=args.holdout, wait=args.wait)
     return 0
 
 

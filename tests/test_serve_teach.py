@@ -39,10 +39,10 @@ def taught_workspace(tmp_path, arrays):
 
 
 class Served:
-    def __init__(self, ws, token_file, port):
+    def __init__(self, ws, token_file, port, *extra):
         self.url = f"http://127.0.0.1:{port}/v2/models/mmcl"
         cmd = [sys.executable, "-m", "mmcl_edge.cli.main", "serve", "-w", str(ws), "--port", str(port),
-               "--provider", "cpu", "--poll", "0.1", "--teach", "--teach-token-file", str(token_file)]
+               "--provider", "cpu", "--poll", "0.1", "--teach", "--teach-token-file", str(token_file), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         end = time.monotonic() + DEADLINE_S
         while True:
@@ -112,6 +112,55 @@ def test_a_live_service_is_taught_a_new_class_and_answers_with_it(tmp_path, arra
         assert np.mean([lbl == "kick" for lbl in labels]) >= 0.8
     finally:
         srv.stop()
+
+
+def learner_pids(server_pid: int) -> set[int]:
+    """The server's child processes that are teaching learners (from /proc: real processes)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server_pid and "mmcl_edge.teaching" in cmdline:
+            pids.add(int(entry))
+    return pids
+
+
+def learn_and_wait(srv, cls, name, arrays):
+    assert http("POST", f"{srv.url}/samples", samples_body(arrays, cls, 5, name), auth())[0] == 200
+    status, job = http("POST", f"{srv.url}/learn", {}, auth())
+    assert status == 200
+    end = time.monotonic() + DEADLINE_S
+    while True:
+        state = http("GET", f"{srv.url}/learn/{job['id']}", None, auth())[1]
+        if state["state"] in ("published", "refused", "failed"):
+            return state
+        assert time.monotonic() < end, state
+        time.sleep(0.1)
+
+
+def test_a_warm_learner_waits_learns_each_job_and_ends_with_the_service(tmp_path, arrays):
+    ws = taught_workspace(tmp_path, arrays)
+    srv = Served(ws, tmp_path / "token", free_port(), "--teach-warm")
+    try:
+        end = time.monotonic() + DEADLINE_S
+        while not learner_pids(srv.proc.pid):  # started with the service, before any job
+            assert time.monotonic() < end, "no learner process was started by --teach-warm"
+            time.sleep(0.1)
+        (learner,) = learner_pids(srv.proc.pid)
+        assert learn_and_wait(srv, 4, "kick", arrays)["state"] == "published"
+        assert learn_and_wait(srv, 5, "punch", arrays)["state"] == "published"
+        assert learner_pids(srv.proc.pid) == {learner}  # the same process, still waiting
+    finally:
+        srv.stop()
+    end = time.monotonic() + DEADLINE_S
+    while os.path.exists(f"/proc/{learner}") and open(f"/proc/{learner}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < end, "the warm learner outlived its service"
+        time.sleep(0.1)
 
 
 def test_acknowledged_samples_survive_kill_9(tmp_path, arrays):

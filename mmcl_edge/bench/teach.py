@@ -190,7 +190,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0, deadline: float = 600.0) -> dict:
+def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0, deadline: float = 600.0,
+                   warm: bool = False) -> dict:
     """Serve ``ws_root`` with ``--teach``; time from POST learn (the last task's samples posted
     first) to the first answer naming one of its new classes, with a client sending requests."""
     specs, task = read_task_folder(last_folder)
@@ -205,7 +206,7 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
     port = _free_port()
     base = f"http://127.0.0.1:{port}/v2/models/mmcl"
     cmd = [sys.executable, "-m", "mmcl_edge.cli.main", "serve", "-w", str(ws_root), "--port", str(port),
-           "--provider", "cpu", "--poll", "0.1", "--teach", "--teach-token-file", str(token_file)]
+           "--provider", "cpu", "--poll", "0.1", "--teach", "--teach-token-file", str(token_file)] + (["--teach-warm"] if warm else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     auth = {"Authorization": f"Bearer {token}"}
     try:
@@ -296,10 +297,11 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
 
 def run_teach_bench(scenario: str, data_dir: str | None, shots: list[int | None], work: Path, epochs: int | None = None,
                     seed: int = 0, serve: bool = True, say: Callable[[str], None] = print, progress=None,
-                    new_subject: bool = True) -> dict:
+                    new_subject: bool = True, warm: bool = False) -> dict:
     sc = load_scenario(scenario, data_dir=data_dir, seed=seed)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"scenario": scenario, "seed": seed, "epochs": epochs, "new_subject_task": new_subject, "runs": {}}
+    result = {"scenario": scenario, "seed": seed, "epochs": epochs, "new_subject_task": new_subject,
+              "teach_warm": warm, "runs": {}}
     for k in shots:
         label = "all" if k is None else str(k)
         root = work / f"shots-{label}"
@@ -336,7 +338,7 @@ def run_teach_bench(scenario: str, data_dir: str | None, shots: list[int | None]
                                             folders[-1] if len(folders) > len(sc.tasks) else None)
             say(f"  novelty after {known} tasks: {run['novelty']}")
         if serve and k == 5:
-            run["teach_to_serve"] = teach_to_serve(copy, folders[last_new])
+            run["teach_to_serve"] = teach_to_serve(copy, folders[last_new], warm=warm)
             say(f"  teach-to-serve: {run['teach_to_serve']}")
         result["runs"][label] = run
     return result
