@@ -78,9 +78,9 @@ class FleetState:
         with self._lock:
             members = [dict(m) for m in self.members.values()]
         for m in members:
+            since = m.pop("behind_since")
             m["behind_versions"] = None if m["serving"] is None else max(0, leader - m["serving"])
-            m["behind_seconds"] = 0.0 if not m["behind_versions"] else round(now - (m.pop("behind_since") or now), 3)
-            m.pop("behind_since", None)
+            m["behind_seconds"] = round(now - since, 3) if m["behind_versions"] and since is not None else 0.0
             m["last_seen_seconds"] = round(now - m.pop("seen"), 3)
         return {"serving": leader, "members": members}
 

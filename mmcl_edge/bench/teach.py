@@ -255,13 +255,16 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
         body_probe, h_probe = _binary_request(probe)
         first_answer = published = None
         state = {}
+        def job_ended() -> bool:
+            nonlocal state, published
+            state = _get(f"{base}/learn/{job['id']}", auth)
+            if state["state"] in ("published", "refused", "failed"):
+                published = time.monotonic()
+            return published is not None
+
         while time.monotonic() - t0 < deadline:
-            if published is None:
-                state = _get(f"{base}/learn/{job['id']}", auth)
-                if state["state"] in ("published", "refused", "failed"):
-                    published = time.monotonic()
-                    if state["state"] != "published":
-                        break
+            if published is None and job_ended() and state["state"] != "published":
+                break
             status, out = _post(f"{base}/infer", body_probe, h_probe)
             got = next(o for o in out["outputs"] if o["name"] == "labels")["data"] if status == 200 else []
             if any(g in new for g in got):
@@ -269,12 +272,8 @@ def teach_to_serve(ws_root: Path, last_folder: Path, quiet_seconds: float = 8.0,
                 break
             time.sleep(0.05)
         # the watcher may serve the new pack before the learner has marked its job published
-        while published is None and time.monotonic() - t0 < deadline:
-            state = _get(f"{base}/learn/{job['id']}", auth)
-            if state["state"] in ("published", "refused", "failed"):
-                published = time.monotonic()
-            else:
-                time.sleep(0.05)
+        while published is None and time.monotonic() - t0 < deadline and not job_ended():
+            time.sleep(0.05)
         learn_end = published or time.monotonic()
         stop.set()
         th.join(timeout=60)
