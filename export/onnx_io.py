@@ -1,8 +1,7 @@
 """Shared ONNX export plumbing: a dynamic batch axis, checking, hashing, atomic writes.
 
-Two exporters: the dynamo one for backbones (it handles adaptive pooling with a dynamic batch) and
-the TorchScript tracer for packs (a pack is learned on the device, often while it serves: tracing
-takes under a second where dynamo takes 10-20 s on 2 cores, for the same graph and speed)."""
+Backbones only, exported once per workspace with the dynamo exporter (it handles adaptive pooling
+with a dynamic batch). Packs are not exported by PyTorch: ``export/pack_graph.py`` writes them."""
 from __future__ import annotations
 
 import contextlib
@@ -51,26 +50,6 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
         program.save(str(tmp), external_data=False)
     for lg, level in zip(quiet, levels):
         lg.setLevel(level)
-    return _check_and_place(tmp, path)
-
-
-def export_onnx_traced(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
-                       input_names: list[str], output_names: list[str]) -> str:
-    """Export ``module`` by tracing, every input's and output's first axis dynamic ("batch"); returns
-    the file's sha256. The traced graph is cleaned by the onnxscript optimizer (constant folding:
-    the tracer leaves index arithmetic on constants) so it holds the same operators as a dynamo
-    export. Only for modules whose shapes do not depend on Python ints of the batch (the pack)."""
-    from onnxscript import optimizer
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    batch_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module.eval(), example, str(tmp), input_names=input_names, output_names=output_names,
-                          dynamic_axes=batch_axes, opset_version=OPSET, dynamo=False)
-    onnx.save_model(optimizer.optimize(onnx.load(str(tmp)), num_iterations=1), str(tmp))
     return _check_and_place(tmp, path)
 
 

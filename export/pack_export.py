@@ -1,4 +1,5 @@
 """Pack export: after every learned task, the MMEncoder + head become a small, self-describing pack.
+The graph is written from the weights (``export/pack_graph.py``), not traced.
 
     WS/packs/v0003/pack.onnx            taps of all modalities -> logits, fused embedding; the one copy
                                         of the weights, stored as float16 and computed in float32
@@ -22,80 +23,15 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from mmcl_edge.export.onnx_io import OPSET, export_onnx_traced, sha256_file
+from mmcl_edge.export.onnx_io import sha256_file
+from mmcl_edge.export.pack_graph import OPSET, build_pack_model, store_half
 from mmcl_edge.runtime import layout
-from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, PRESENT_INPUT, pack_digest
-
-
-class PackGraph(nn.Module):
-    """The model with flat inputs (ONNX has no dict inputs): the taps in ``encoder.input_names()``
-    order, then ``present`` ([B, M], 1 where the sample has the modality; an absent one's taps are
-    zeros)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.layout = [(m, len(t)) for m, t in model.encoder.modality_taps.items()]
-
-    def forward(self, *flat: torch.Tensor):
-        taps, i = {}, 0
-        for m, n in self.layout:
-            taps[m] = list(flat[i:i + n])
-            i += n
-        logits, out = self.model(taps, flat[i])
-        return logits, out.fused
+from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, pack_digest
 
 
 def pack_inputs(model) -> list[dict]:
     return [{"name": f"{m}__{t.name}", "modality": m, "tap": t.name, "shape": [None, t.tokens, t.dim]}
             for m, taps in model.encoder.modality_taps.items() for t in taps]
-
-
-HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they cost nothing on disk
-
-
-def store_half(path: Path, min_elements: int = HALF_MIN_ELEMENTS) -> dict:
-    """Rewrite the ONNX file at ``path`` with its large float32 weights stored as float16 (and
-    without the exporter's per-node provenance notes, which outweighed the graph itself).
-
-    Each such initializer becomes ``Cast(float16 -> float32)`` at the head of the graph, so every
-    operator still computes in float32; onnxruntime folds the casts once when it loads the pack.
-    Returns the byte counts before and after.
-    """
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    casts, kept = [], []
-    before = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in graph.initializer)
-    for init in graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
-            kept.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
-                                          name=f"{init.name}__to_fp32"))
-        else:
-            kept.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = list(graph.node)
-    for node in nodes:  # the exporter's per-node provenance (source lines, module paths): ~1 KB a node
-        del node.metadata_props[:]
-        node.doc_string = ""
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
-    del graph.value_info[:]  # intermediate shapes: onnxruntime infers them when it loads the pack
-    onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_name(f".{path.name}.half")
-    onnx.save_model(model, str(tmp))
-    tmp.replace(path)
-    after = sum(len(t.raw_data) or 2 * int(np.prod(t.dims)) for t in graph.initializer)
-    return {"weights_bytes_fp32": before, "weights_bytes_stored": after}
 
 
 def next_version(packs_dir: Path) -> int:
@@ -110,10 +46,8 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
     model = model.eval()
     inputs = pack_inputs(model)
     modalities = list(model.encoder.modality_taps)
-    example = (*(torch.randn(2, t["shape"][1], t["shape"][2]) for t in inputs), torch.ones(2, len(modalities)))
-    export_onnx_traced(PackGraph(model), example, folder / ONNX_FILE, [t["name"] for t in inputs] + [PRESENT_INPUT],
-                       ["logits", "fused"])
-    sizes = store_half(folder / ONNX_FILE)
+    graph, keep_float = build_pack_model(model)
+    sizes = store_half(graph, folder / ONNX_FILE, keep_float)
     files = {ONNX_FILE: sha256_file(folder / ONNX_FILE)}
     manifest = {
         "schema": PACK_SCHEMA,

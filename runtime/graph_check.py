@@ -15,14 +15,14 @@ from pathlib import Path
 from mmcl_edge.errors import PackRejected
 
 # Every op in packs exported today or before (opset 18; traced or dynamo exporter; analytic and linear heads) ...
-EMITTED_OPS = {"Add", "Clip", "Concat", "Div", "Erf", "Expand", "Gather", "Gemm", "LayerNormalization", "MatMul",
-               "Mul", "ReduceL2", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape", "Slice",
-               "Softmax", "TopK", "Unsqueeze"}
+EMITTED_OPS = {"Add", "Clip", "Concat", "Div", "Erf", "Expand", "Gather", "Gemm", "LayerNormalization", "Less",
+               "MatMul", "Mul", "ReduceL2", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape",
+               "Slice", "Softmax", "TopK", "Unsqueeze", "Where"}
 # ... and plain element-wise / shape operators a small change of the exporter or the model may add
 # (masks of absent modalities, casts). Nothing that loops, branches, or builds data-sized tensors.
 EXTRA_OPS = {"Sub", "Neg", "Abs", "Sqrt", "Pow", "Exp", "Log", "Tanh", "Sigmoid", "Relu", "Reciprocal", "Max", "Min",
              "LogSoftmax", "Squeeze", "Transpose", "Flatten", "Split", "Identity", "Constant", "ConstantOfShape",
-             "Cast", "Where", "Equal", "Less", "Greater", "Not", "And", "Or", "ReduceMax", "ReduceMin", "ArgMax",
+             "Cast", "Equal", "Greater", "Not", "And", "Or", "ReduceMax", "ReduceMin", "ArgMax",
              "GatherElements", "Sign"}
 ALLOWED_OPS = frozenset(EMITTED_OPS | EXTRA_OPS)
 

@@ -12,6 +12,7 @@ from mmcl_edge.learners import AdapterLearner
 from mmcl_edge.preprocess import preprocess_batch
 from mmcl_edge.runtime import Runtime
 from mmcl_edge.stream import label_map
+from test_pack_graph import half_rounded
 
 
 def cpu_session(path):
@@ -32,20 +33,6 @@ def test_backbone_onnx_taps_match_pytorch(avdigits_ws):
         for g, e in zip(got, expected):
             assert g.shape == e.shape
             assert np.max(np.abs(g - e)) <= 1e-4
-
-
-def half_rounded(model):
-    """A copy of ``model`` whose tensors the pack stores as float16 are rounded to float16."""
-    import copy
-
-    from mmcl_edge.export.pack_export import HALF_MIN_ELEMENTS
-
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.dtype == torch.float32 and t.numel() >= HALF_MIN_ELEMENTS:
-                t.copy_(t.half().float())
-    return model
 
 
 def test_pack_onnx_logits_match_pytorch(avdigits_ws):

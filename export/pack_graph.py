@@ -1,0 +1,239 @@
+"""The pack's ONNX graph, written from the learned weights (no tracing, no ``torch.onnx``).
+
+Why write it instead of exporting it: a pack is built on the device after every task, often beside
+a live service. Tracing loads ``torch.onnx`` and the onnxscript optimizer into the learner (~60-150
+MB that never leave the process) and emits the graph PyTorch happens to run: ~200 small operators,
+a copy of the index arithmetic of every ``stack``/``cat``, a LayerNorm for every router and expert
+pool. Written here, the same computation is fewer, larger operators:
+
+- all taps' projections (one per modality and depth) are one batched ``MatMul``;
+- each depth's router is one ``Gemm`` over all modalities' states, its experts two ``MatMul``s over
+  the experts' weights side by side, the gates expanded to the experts' hidden units by a product;
+- no index arithmetic, no shape computations: every shape is a constant with a free batch axis.
+
+Every weight is the model's own tensor, reshaped or concatenated but never multiplied by another
+(folding a LayerNorm's scale into the next matrix would round differently once stored as float16),
+so a pack equals the model with its weights rounded as stored, to float32 rounding.
+The graph computes exactly ``PackGraph`` (``export/pack_export.py``): ``tests/test_pack_graph.py``
+holds them to 1e-4 on random and learned models, with absent modalities. Only operators of the
+runtime's allow-list are used (``runtime/graph_check.py``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mmcl_edge.encoder import tap_for_depth
+from mmcl_edge.export.onnx_io import OPSET
+from mmcl_edge.runtime.pack import PRESENT_INPUT
+
+LN_EPS = 1e-5        # nn.LayerNorm's default
+NORMALIZE_EPS = 1e-12  # nn.functional.normalize's default
+
+
+class _Graph:
+    """A tiny builder: unique names, initializers from numpy, nodes in order."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._n, self._names = [], [], 0, set()
+        self.keep_float: set[str] = set()   # weights the model's own precision keeps in float32
+
+    def weight(self, value: np.ndarray, name: str, *sources) -> str:
+        """A weight built from the model's tensors ``sources``, stored at their precision: rounded to
+        float16 when each source is large enough to be stored so (``HALF_MIN_ELEMENTS``), float32
+        otherwise. A stacked or sliced weight is thus rounded as its parts would be, and a pack
+        equals its model with the weights rounded as stored."""
+        if all(s.numel() >= HALF_MIN_ELEMENTS for s in sources):
+            value = np.asarray(value, np.float32).astype(np.float16).astype(np.float32)
+        else:
+            self.keep_float.add(name)
+        return self.const(value, name)
+
+    def const(self, value, name: str, dtype=np.float32) -> str:
+        """An initializer; a name already given is the same constant, written once."""
+        if name not in self._names:
+            self._names.add(name)
+            self.inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))  # np.array keeps 0-d
+        return name
+
+    def ints(self, values, name: str) -> str:
+        return self.const(np.asarray(values, np.int64), name, np.int64)
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        self._n += 1
+        names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._n}", **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they cost nothing on disk
+
+
+def store_half(model: onnx.ModelProto, path: Path, keep_float: frozenset = frozenset(),
+               min_elements: int = HALF_MIN_ELEMENTS) -> dict:
+    """Write the ONNX ``model`` to ``path`` with its large float32 weights (``min_elements`` or
+    more, and not named in ``keep_float``) stored as float16.
+
+    Each such initializer becomes ``Cast(float16 -> float32)`` at the head of the graph, so every
+    operator still computes in float32; onnxruntime folds the casts once when it loads the pack.
+    The file is checked (``onnx.checker``, full) and written atomically. Returns the byte counts of
+    the weights before and after.
+    """
+    graph = model.graph
+    casts, kept = [], []
+    before = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in graph.initializer)
+    for init in graph.initializer:
+        if (init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements
+                and init.name not in keep_float):
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                          name=f"{init.name}__to_fp32"))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(model, full_check=True)
+    tmp = path.with_name(f".{path.name}.half")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(path)
+    after = sum(len(t.raw_data) or 2 * int(np.prod(t.dims)) for t in graph.initializer)
+    return {"weights_bytes_fp32": before, "weights_bytes_stored": after}
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
+
+
+def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
+    """The ONNX model of ``model`` (an ``MMCLModel`` in eval mode): inputs ``<modality>__<tap>``
+    ``[B, T, D]`` in ``encoder.input_names()`` order, then ``present`` ``[B, M]``; outputs
+    ``logits`` ``[B, classes]`` and ``fused`` ``[B, width]``; and the names of the weights to keep in
+    float32 when it is stored (``store_half``)."""
+    enc, cfg = model.encoder, model.encoder.cfg
+    mods, depths, width = enc.modalities, cfg.depths, cfg.width
+    m_count = len(mods)
+    g = _Graph()
+    inputs = [helper.make_tensor_value_info(f"{m}__{t.name}", TensorProto.FLOAT, ["batch", t.tokens, t.dim])
+              for m in mods for t in enc.modality_taps[m]]
+    inputs.append(helper.make_tensor_value_info(PRESENT_INPUT, TensorProto.FLOAT, ["batch", m_count]))
+    mask3 = g.op("Unsqueeze", [PRESENT_INPUT, g.ints([2], "axes_2")])          # [B, M, 1]
+    mask4 = g.op("Unsqueeze", [PRESENT_INPUT, g.ints([1, 3], "axes_1_3")])     # [B, 1, M, 1]
+
+    # 1. every (depth, modality) tap projection: LayerNorm -> rank map -> flatten -> one batched MatMul
+    slots, feats_in = [], []
+    for l in range(depths):
+        for i, m in enumerate(mods):
+            taps = enc.modality_taps[m]
+            tap = taps[tap_for_depth(l, depths, len(taps))]
+            proj = enc.proj[i][l]
+            x = g.op("LayerNormalization", [f"{m}__{tap.name}", g.weight(_np(proj.norm.weight), f"p{l}_{m}_ln_w", proj.norm.weight),
+                                            g.weight(_np(proj.norm.bias), f"p{l}_{m}_ln_b", proj.norm.bias)], axis=-1, epsilon=LN_EPS)
+            if proj.reduce is not None:
+                x = g.op("MatMul", [x, g.weight(_np(proj.reduce.weight).T, f"p{l}_{m}_reduce", proj.reduce.weight)])
+            slots.append(proj)
+            feats_in.append((x, proj.proj.in_features))
+    sizes = {n for _, n in feats_in}
+    if len(sizes) == 1:   # the usual case: one [depths*M] batch of [in, width] products
+        n_in = sizes.pop()
+        flat = [g.op("Reshape", [x, g.ints([0, 1, 1, n_in], f"shape_flat_{n_in}")]) for x, _ in feats_in]
+        stacked = g.op("Concat", flat, axis=1)                                        # [B, L*M, 1, in]
+        w = np.stack([_np(p.proj.weight).T for p in slots])                           # [L*M, in, W]
+        b = np.stack([_np(p.proj.bias)[None] for p in slots])                         # [L*M, 1, W]
+        u = g.op("Add", [g.op("MatMul", [stacked, g.weight(w, "proj_w", *(p.proj.weight for p in slots))]), g.weight(b, "proj_b", *(p.proj.bias for p in slots))])
+    else:                 # taps of different token counts or ranks: one Gemm each
+        outs = []
+        for k, ((x, n_in), p) in enumerate(zip(feats_in, slots)):
+            x2 = g.op("Reshape", [x, g.ints([0, n_in], f"shape_2d_{n_in}")])
+            y = g.op("Gemm", [x2, g.weight(_np(p.proj.weight), f"proj{k}_w", p.proj.weight), g.weight(_np(p.proj.bias), f"proj{k}_b", p.proj.bias)],
+                     transB=1)
+            outs.append(g.op("Reshape", [y, g.ints([0, 1, 1, width], "shape_slot")]))
+        u = g.op("Concat", outs, axis=1)
+    u = g.op("Mul", [g.op("Reshape", [u, g.ints([0, depths, m_count, width], "shape_u")]), mask4])  # [B, L, M, W]
+
+    # 2. the depths: state += projection, route, add the chosen experts' outputs
+    k = min(cfg.top_k, cfg.experts)
+    n_exp, hidden = cfg.experts, cfg.bottleneck
+    expand = np.kron(np.eye(n_exp), np.ones((1, hidden)))                      # [E, E*b]: a gate per hidden unit
+    expand_name = g.const(expand, "gate_expand")
+    state = None
+    for l in range(depths):
+        u_l = g.op("Gather", [u, g.const(np.array(l, np.int64), f"depth_{l}", np.int64)], axis=1)   # [B, M, W]
+        state = u_l if state is None else g.op("Add", [state, u_l])
+        router = enc.routers[l]
+        x = g.op("LayerNormalization", [state, g.weight(_np(router.norm.weight), f"r{l}_ln_w", router.norm.weight),
+                                        g.weight(_np(router.norm.bias), f"r{l}_ln_b", router.norm.bias)], axis=-1, epsilon=LN_EPS)
+        if router.cross_modal:
+            wr = np.concatenate([_np(p.weight) for p in router.proj])                 # [M*E, M*W]
+            bias = np.concatenate([_np(p.bias) for p in router.proj])
+            logits = g.op("Gemm", [g.op("Reshape", [x, g.ints([0, m_count * width], "shape_states_flat")]),
+                                   g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj)), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))], transB=1)
+            logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
+        else:
+            wr = np.stack([_np(p.weight).T for p in router.proj])                     # [M, W, E]
+            bias = np.stack([_np(p.bias)[None] for p in router.proj])                 # [M, 1, E]
+            x4 = g.op("Unsqueeze", [x, g.ints([2], "axes_2")])
+            logits = g.op("Add", [g.op("MatMul", [x4, g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj))]), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))])
+            logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
+        top = g.op("TopK", [logits, g.ints([k], "top_k")], outputs=2, axis=-1)[0]
+        kth = g.op("Gather", [top, g.ints([k - 1], "kth")], axis=-1)                  # [B, M, 1]
+        masked = g.op("Where", [g.op("Less", [logits, kth]), g.const(-np.inf, "minus_inf"), logits])
+        gates = g.op("Softmax", [masked], axis=-1)                                     # zero outside the top k
+        pool, norm = enc.pools[l], enc.expert_norm[l]
+        x = g.op("LayerNormalization", [state, g.weight(_np(norm.weight), f"e{l}_ln_w", norm.weight),
+                                        g.weight(_np(norm.bias), f"e{l}_ln_b", norm.bias)], axis=-1, epsilon=LN_EPS)
+        wd = np.concatenate([_np(e.down.weight) for e in pool.experts]).T             # [W, E*b]
+        bd = np.concatenate([_np(e.down.bias) for e in pool.experts])
+        h = g.op("Add", [g.op("MatMul", [x, g.weight(wd, f"e{l}_down_w", *(e.down.weight for e in pool.experts))]), g.weight(bd, f"e{l}_down_b", *(e.down.bias for e in pool.experts))])
+        # gelu(h) = 0.5 h (1 + erf(h / sqrt 2)); the 0.5 goes into the up map (a power of two: exact)
+        erf = g.op("Erf", [g.op("Mul", [h, g.const(np.float32(1 / math.sqrt(2)), "inv_sqrt2")])])
+        act = g.op("Mul", [h, g.op("Add", [erf, g.const(np.float32(1.0), "one")])])
+        act = g.op("Mul", [act, g.op("MatMul", [gates, expand_name])])                 # each expert's units x its gate
+        wu = 0.5 * np.concatenate([_np(e.up.weight) for e in pool.experts], axis=1).T  # [E*b, W]
+        ub = np.stack([_np(e.up.bias) for e in pool.experts])                         # [E, W]
+        out = g.op("Add", [g.op("MatMul", [act, g.weight(wu, f"e{l}_up_w", *(e.up.weight for e in pool.experts))]), g.op("MatMul", [gates, g.weight(ub, f"e{l}_up_b", *(e.up.bias for e in pool.experts))])])
+        state = g.op("Add", [state, out])
+
+    # 3. per-modality output norms, then the mean over the modalities present
+    z = g.op("LayerNormalization", [state, g.const(np.ones(width), "ones_width")], axis=-1, epsilon=LN_EPS)
+    z = g.op("Add", [g.op("Mul", [z, g.weight(np.stack([_np(n.weight) for n in enc.out_norm]), "out_w", *(n.weight for n in enc.out_norm))]),
+                     g.weight(np.stack([_np(n.bias) for n in enc.out_norm]), "out_b", *(n.bias for n in enc.out_norm))])
+    total = g.op("ReduceSum", [g.op("Mul", [z, mask3]), g.ints([1], "axes_1")], keepdims=0)
+    count = g.op("Clip", [g.op("ReduceSum", [PRESENT_INPUT, g.ints([1], "axes_1")], keepdims=1),
+                          g.const(np.float32(1.0), "one")])
+    fused = g.op("Div", [total, count], outputs=["fused"])
+
+    # 4. the head
+    n_out = model.head.num_outputs
+    if model.analytic is not None:
+        pooled = []
+        for m in mods:
+            for t in enc.modality_taps[m]:
+                mean = g.op("ReduceMean", [f"{m}__{t.name}", g.ints([1], "axes_1")], keepdims=0)
+                norm = g.op("Clip", [g.op("ReduceL2", [mean, g.ints([-1], "axes_last")], keepdims=1),
+                                     g.const(np.float32(NORMALIZE_EPS), "normalize_eps")])
+                pooled.append(g.op("Div", [mean, norm]))
+        scaled = g.op("Mul", [fused, g.const(np.float32(model.fused_scale), "fused_scale")])
+        feats = g.op("Concat", [*pooled, scaled], axis=-1)
+        w = _np(model.analytic.weight)[:, :n_out]                                      # [taps + 1 + W, C]
+        n_fixed = model.fixed_feature_dim()                                            # its constant-1 row is the bias
+        raw = g.op("Gemm", [feats, g.weight(np.concatenate([w[:n_fixed - 1], w[n_fixed:]]), "head_w", model.analytic.weight),
+                            g.weight(w[n_fixed - 1], "head_b", model.analytic.weight)])
+        g.op("Mul", [raw, g.const(np.float32(model.analytic.logit_scale), "logit_scale")], outputs=["logits"])
+    else:
+        blocks = model.head.blocks
+        g.op("Gemm", [fused, g.weight(np.concatenate([_np(b.weight) for b in blocks]), "head_w", *(b.weight for b in blocks)),
+                      g.weight(np.concatenate([_np(b.bias) for b in blocks]), "head_b", *(b.bias for b in blocks))], outputs=["logits"], transB=1)
+
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out]),
+               helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", width])]
+    graph = helper.make_graph(g.nodes, "mmcl_pack", inputs, outputs, g.inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mmcl-edge")
+    return onnx_model, frozenset(g.keep_float)
