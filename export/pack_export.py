@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from mmcl_edge.export.onnx_io import sha256_file
-from mmcl_edge.export.pack_graph import OPSET, build_pack_model, store_half
+from mmcl_edge.export.pack_graph import OPSET, build_pack_model, save_pack_model
 from mmcl_edge.runtime import layout
 from mmcl_edge.runtime.pack import MANIFEST_FILE, ONNX_FILE, PACK_SCHEMA, pack_digest
 
@@ -39,15 +39,17 @@ def next_version(packs_dir: Path) -> int:
 
 
 def export_pack(model, folder: Path, *, version: int, task: int, classes: list, label_names: list[str],
-                setting: str, preprocess: dict, backbones: dict[str, str], extra: dict | None = None) -> dict:
-    """Write a complete pack into ``folder`` (which must not exist) and return its manifest."""
+                setting: str, preprocess: dict, backbones: dict[str, str], extra: dict | None = None,
+                weights: str = "float16") -> dict:
+    """Write a complete pack into ``folder`` (which must not exist) and return its manifest.
+    ``weights``: how the weights are stored ("float16" or "int8", ``pack_graph.build_pack_model``)."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     model = model.eval()
     inputs = pack_inputs(model)
     modalities = list(model.encoder.modality_taps)
-    graph, keep_float = build_pack_model(model)
-    sizes = store_half(graph, folder / ONNX_FILE, keep_float)
+    graph, sizes = build_pack_model(model, weights)
+    save_pack_model(graph, folder / ONNX_FILE)
     files = {ONNX_FILE: sha256_file(folder / ONNX_FILE)}
     manifest = {
         "schema": PACK_SCHEMA,
@@ -64,7 +66,7 @@ def export_pack(model, folder: Path, *, version: int, task: int, classes: list, 
         "opset": OPSET,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
-        "weights": {"stored": "float16", "compute": "float32", **sizes},
+        "weights": {"compute": "float32", **sizes},
         # answers whose novelty (1 - top probability) exceeds the threshold are "unknown"
         **({"novelty": model.novelty.to_dict()} if model.novelty.samples else {}),
         **(extra or {}),
@@ -117,7 +119,7 @@ def publish_pack(ws, task: int, model) -> Path:
         packs.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         manifest = export_pack(model, tmp, version=version, task=task, classes=list(range(len(names))),
-                               label_names=names, setting=ws.setting,
+                               label_names=names, setting=ws.setting, weights=ws.config.pack_weights,
                                preprocess={m: s.to_dict() for m, s in specs.items()},
                                backbones={m: e["identity"] for m, e in index["modalities"].items()},
                                # the backbone files themselves, under the pack's signature: a follower

@@ -35,23 +35,56 @@ LN_EPS = 1e-5        # nn.LayerNorm's default
 NORMALIZE_EPS = 1e-12  # nn.functional.normalize's default
 
 
+HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they cost nothing on disk
+WEIGHT_STORAGE = ("float16", "int8")
+
+
 class _Graph:
-    """A tiny builder: unique names, initializers from numpy, nodes in order."""
+    """A tiny builder: unique names, initializers from numpy, nodes in order, and the one place that
+    decides how each weight is stored (``weight``)."""
 
-    def __init__(self):
-        self.nodes, self.inits, self._n, self._names = [], [], 0, set()
-        self.keep_float: set[str] = set()   # weights the model's own precision keeps in float32
+    def __init__(self, storage: str = "float16"):
+        if storage not in WEIGHT_STORAGE:
+            raise ValueError(f"pack weights {storage!r}: use one of {', '.join(WEIGHT_STORAGE)}")
+        self.storage = storage
+        self.nodes, self.inits, self.decode, self._n, self._names = [], [], [], 0, set()
+        self.fp32_bytes = 0
 
-    def weight(self, value: np.ndarray, name: str, *sources) -> str:
-        """A weight built from the model's tensors ``sources``, stored at their precision: rounded to
-        float16 when each source is large enough to be stored so (``HALF_MIN_ELEMENTS``), float32
-        otherwise. A stacked or sliced weight is thus rounded as its parts would be, and a pack
-        equals its model with the weights rounded as stored."""
-        if all(s.numel() >= HALF_MIN_ELEMENTS for s in sources):
-            value = np.asarray(value, np.float32).astype(np.float16).astype(np.float32)
-        else:
-            self.keep_float.add(name)
-        return self.const(value, name)
+    def weight(self, value: np.ndarray, name: str, *sources, per: int | None = None) -> str:
+        """A weight built from the model's tensors ``sources``, stored at their precision.
+
+        float16 when each source is large enough (``HALF_MIN_ELEMENTS``; a stacked or sliced weight
+        is rounded as its parts would be, so a pack equals its model with the weights rounded as
+        stored), float32 otherwise. With ``int8`` storage a large matrix given ``per`` (the axis
+        that keeps one scale per slice) is stored as int8 with float32 scales. A stored weight is
+        decoded by ``Cast`` (and ``Mul``) nodes at the head of the graph, on constants only, so
+        onnxruntime folds them once when it loads the pack and every operator computes in float32.
+        """
+        value = np.asarray(value, np.float32)
+        self.fp32_bytes += value.nbytes
+        if name in self._names or not all(s.numel() >= HALF_MIN_ELEMENTS for s in sources):
+            return self.const(value, name)
+        if self.storage == "int8" and per is not None:
+            other = tuple(a for a in range(value.ndim) if a != per % value.ndim)
+            scale = np.abs(value).max(axis=other, keepdims=True) / 127.0
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
+            self.const(q, f"{name}__int8", np.int8)
+            self.const(scale, f"{name}__scale")
+            as_float = f"{name}__int8_float"
+            self.decode.append(helper.make_node("Cast", [f"{name}__int8"], [as_float], to=TensorProto.FLOAT,
+                                                name=f"{name}__decode"))
+            self.decode.append(helper.make_node("Mul", [as_float, f"{name}__scale"], [name], name=f"{name}__scale"))
+            self._names.add(name)
+            return name
+        half = value.astype(np.float16)
+        if value.size < HALF_MIN_ELEMENTS:   # a slice of a large tensor: its float16 values, kept as float32
+            return self.const(half.astype(np.float32), name)
+        self.const(half, f"{name}__fp16", np.float16)
+        self.decode.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT,
+                                            name=f"{name}__to_fp32"))
+        self._names.add(name)
+        return name
 
     def const(self, value, name: str, dtype=np.float32) -> str:
         """An initializer; a name already given is the same constant, written once."""
@@ -70,57 +103,28 @@ class _Graph:
         return names[0] if len(names) == 1 else names
 
 
-HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they cost nothing on disk
-
-
-def store_half(model: onnx.ModelProto, path: Path, keep_float: frozenset = frozenset(),
-               min_elements: int = HALF_MIN_ELEMENTS) -> dict:
-    """Write the ONNX ``model`` to ``path`` with its large float32 weights (``min_elements`` or
-    more, and not named in ``keep_float``) stored as float16.
-
-    Each such initializer becomes ``Cast(float16 -> float32)`` at the head of the graph, so every
-    operator still computes in float32; onnxruntime folds the casts once when it loads the pack.
-    The file is checked (``onnx.checker``, full) and written atomically. Returns the byte counts of
-    the weights before and after.
-    """
-    graph = model.graph
-    casts, kept = [], []
-    before = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in graph.initializer)
-    for init in graph.initializer:
-        if (init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements
-                and init.name not in keep_float):
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
-            kept.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                          name=f"{init.name}__to_fp32"))
-        else:
-            kept.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
+def save_pack_model(model: onnx.ModelProto, path: Path) -> None:
+    """Check the ONNX ``model`` (``onnx.checker``, full) and write it to ``path`` atomically."""
     onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_name(f".{path.name}.half")
+    tmp = path.with_name(f".{path.name}.tmp")
     onnx.save_model(model, str(tmp))
     tmp.replace(path)
-    after = sum(len(t.raw_data) or 2 * int(np.prod(t.dims)) for t in graph.initializer)
-    return {"weights_bytes_fp32": before, "weights_bytes_stored": after}
 
 
 def _np(t) -> np.ndarray:
     return t.detach().cpu().float().numpy()
 
 
-def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
+def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, dict]:
     """The ONNX model of ``model`` (an ``MMCLModel`` in eval mode): inputs ``<modality>__<tap>``
     ``[B, T, D]`` in ``encoder.input_names()`` order, then ``present`` ``[B, M]``; outputs
-    ``logits`` ``[B, classes]`` and ``fused`` ``[B, width]``; and the names of the weights to keep in
-    float32 when it is stored (``store_half``)."""
+    ``logits`` ``[B, classes]`` and ``fused`` ``[B, width]``; and what its weights weigh (float32 vs
+    stored bytes). ``storage``: "float16" (a pack equals its model with the weights rounded so), or
+    "int8" (its large matrices as int8 with a scale per output feature: about half the bytes)."""
     enc, cfg = model.encoder, model.encoder.cfg
     mods, depths, width = enc.modalities, cfg.depths, cfg.width
     m_count = len(mods)
-    g = _Graph()
+    g = _Graph(storage)
     inputs = [helper.make_tensor_value_info(f"{m}__{t.name}", TensorProto.FLOAT, ["batch", t.tokens, t.dim])
               for m in mods for t in enc.modality_taps[m]]
     inputs.append(helper.make_tensor_value_info(PRESENT_INPUT, TensorProto.FLOAT, ["batch", m_count]))
@@ -137,7 +141,7 @@ def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
             x = g.op("LayerNormalization", [f"{m}__{tap.name}", g.weight(_np(proj.norm.weight), f"p{l}_{m}_ln_w", proj.norm.weight),
                                             g.weight(_np(proj.norm.bias), f"p{l}_{m}_ln_b", proj.norm.bias)], axis=-1, epsilon=LN_EPS)
             if proj.reduce is not None:
-                x = g.op("MatMul", [x, g.weight(_np(proj.reduce.weight).T, f"p{l}_{m}_reduce", proj.reduce.weight)])
+                x = g.op("MatMul", [x, g.weight(_np(proj.reduce.weight).T, f"p{l}_{m}_reduce", proj.reduce.weight, per=-1)])
             slots.append(proj)
             feats_in.append((x, proj.proj.in_features))
     sizes = {n for _, n in feats_in}
@@ -147,12 +151,12 @@ def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
         stacked = g.op("Concat", flat, axis=1)                                        # [B, L*M, 1, in]
         w = np.stack([_np(p.proj.weight).T for p in slots])                           # [L*M, in, W]
         b = np.stack([_np(p.proj.bias)[None] for p in slots])                         # [L*M, 1, W]
-        u = g.op("Add", [g.op("MatMul", [stacked, g.weight(w, "proj_w", *(p.proj.weight for p in slots))]), g.weight(b, "proj_b", *(p.proj.bias for p in slots))])
+        u = g.op("Add", [g.op("MatMul", [stacked, g.weight(w, "proj_w", *(p.proj.weight for p in slots), per=-1)]), g.weight(b, "proj_b", *(p.proj.bias for p in slots))])
     else:                 # taps of different token counts or ranks: one Gemm each
         outs = []
         for k, ((x, n_in), p) in enumerate(zip(feats_in, slots)):
             x2 = g.op("Reshape", [x, g.ints([0, n_in], f"shape_2d_{n_in}")])
-            y = g.op("Gemm", [x2, g.weight(_np(p.proj.weight), f"proj{k}_w", p.proj.weight), g.weight(_np(p.proj.bias), f"proj{k}_b", p.proj.bias)],
+            y = g.op("Gemm", [x2, g.weight(_np(p.proj.weight), f"proj{k}_w", p.proj.weight, per=0), g.weight(_np(p.proj.bias), f"proj{k}_b", p.proj.bias)],
                      transB=1)
             outs.append(g.op("Reshape", [y, g.ints([0, 1, 1, width], "shape_slot")]))
         u = g.op("Concat", outs, axis=1)
@@ -174,13 +178,13 @@ def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
             wr = np.concatenate([_np(p.weight) for p in router.proj])                 # [M*E, M*W]
             bias = np.concatenate([_np(p.bias) for p in router.proj])
             logits = g.op("Gemm", [g.op("Reshape", [x, g.ints([0, m_count * width], "shape_states_flat")]),
-                                   g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj)), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))], transB=1)
+                                   g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj), per=0 if router.cross_modal else -1), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))], transB=1)
             logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
         else:
             wr = np.stack([_np(p.weight).T for p in router.proj])                     # [M, W, E]
             bias = np.stack([_np(p.bias)[None] for p in router.proj])                 # [M, 1, E]
             x4 = g.op("Unsqueeze", [x, g.ints([2], "axes_2")])
-            logits = g.op("Add", [g.op("MatMul", [x4, g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj))]), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))])
+            logits = g.op("Add", [g.op("MatMul", [x4, g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj), per=0 if router.cross_modal else -1)]), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))])
             logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
         top = g.op("TopK", [logits, g.ints([k], "top_k")], outputs=2, axis=-1)[0]
         kth = g.op("Gather", [top, g.ints([k - 1], "kth")], axis=-1)                  # [B, M, 1]
@@ -191,14 +195,14 @@ def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
                                         g.weight(_np(norm.bias), f"e{l}_ln_b", norm.bias)], axis=-1, epsilon=LN_EPS)
         wd = np.concatenate([_np(e.down.weight) for e in pool.experts]).T             # [W, E*b]
         bd = np.concatenate([_np(e.down.bias) for e in pool.experts])
-        h = g.op("Add", [g.op("MatMul", [x, g.weight(wd, f"e{l}_down_w", *(e.down.weight for e in pool.experts))]), g.weight(bd, f"e{l}_down_b", *(e.down.bias for e in pool.experts))])
+        h = g.op("Add", [g.op("MatMul", [x, g.weight(wd, f"e{l}_down_w", *(e.down.weight for e in pool.experts), per=-1)]), g.weight(bd, f"e{l}_down_b", *(e.down.bias for e in pool.experts))])
         # gelu(h) = 0.5 h (1 + erf(h / sqrt 2)); the 0.5 goes into the up map (a power of two: exact)
         erf = g.op("Erf", [g.op("Mul", [h, g.const(np.float32(1 / math.sqrt(2)), "inv_sqrt2")])])
         act = g.op("Mul", [h, g.op("Add", [erf, g.const(np.float32(1.0), "one")])])
         act = g.op("Mul", [act, g.op("MatMul", [gates, expand_name])])                 # each expert's units x its gate
         wu = 0.5 * np.concatenate([_np(e.up.weight) for e in pool.experts], axis=1).T  # [E*b, W]
         ub = np.stack([_np(e.up.bias) for e in pool.experts])                         # [E, W]
-        out = g.op("Add", [g.op("MatMul", [act, g.weight(wu, f"e{l}_up_w", *(e.up.weight for e in pool.experts))]), g.op("MatMul", [gates, g.weight(ub, f"e{l}_up_b", *(e.up.bias for e in pool.experts))])])
+        out = g.op("Add", [g.op("MatMul", [act, g.weight(wu, f"e{l}_up_w", *(e.up.weight for e in pool.experts), per=-1)]), g.op("MatMul", [gates, g.weight(ub, f"e{l}_up_b", *(e.up.bias for e in pool.experts))])])
         state = g.op("Add", [state, out])
 
     # 3. per-modality output norms, then the mean over the modalities present
@@ -224,16 +228,17 @@ def build_pack_model(model) -> tuple[onnx.ModelProto, frozenset]:
         feats = g.op("Concat", [*pooled, scaled], axis=-1)
         w = _np(model.analytic.weight)[:, :n_out]                                      # [taps + 1 + W, C]
         n_fixed = model.fixed_feature_dim()                                            # its constant-1 row is the bias
-        raw = g.op("Gemm", [feats, g.weight(np.concatenate([w[:n_fixed - 1], w[n_fixed:]]), "head_w", model.analytic.weight),
+        raw = g.op("Gemm", [feats, g.weight(np.concatenate([w[:n_fixed - 1], w[n_fixed:]]), "head_w", model.analytic.weight, per=0),
                             g.weight(w[n_fixed - 1], "head_b", model.analytic.weight)])
         g.op("Mul", [raw, g.const(np.float32(model.analytic.logit_scale), "logit_scale")], outputs=["logits"])
     else:
         blocks = model.head.blocks
-        g.op("Gemm", [fused, g.weight(np.concatenate([_np(b.weight) for b in blocks]), "head_w", *(b.weight for b in blocks)),
+        g.op("Gemm", [fused, g.weight(np.concatenate([_np(b.weight) for b in blocks]), "head_w", *(b.weight for b in blocks), per=0),
                       g.weight(np.concatenate([_np(b.bias) for b in blocks]), "head_b", *(b.bias for b in blocks))], outputs=["logits"], transB=1)
 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out]),
                helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", width])]
-    graph = helper.make_graph(g.nodes, "mmcl_pack", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.decode + g.nodes, "mmcl_pack", inputs, outputs, g.inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mmcl-edge")
-    return onnx_model, frozenset(g.keep_float)
+    stored = sum(numpy_helper.to_array(t).nbytes for t in g.inits)
+    return onnx_model, {"stored": storage, "weights_bytes_fp32": g.fp32_bytes, "weights_bytes_stored": stored}

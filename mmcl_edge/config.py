@@ -94,6 +94,9 @@ class LearnConfig:
     ridge: float = 1e-1           # analytic head: ridge strength relative to the mean feature energy
     drift_compensation: bool = True  # analytic head: carry old sums through the adapters' drift
     fused_weight: float = 2.0     # analytic head: scale of the adapted embedding beside the frozen taps
+    pack_weights: str = "float16"  # how a pack stores its weights: "float16", or "int8" (large matrices
+                                   # with a scale per output feature; about half the bytes; see
+                                   # benchmarks/README.md "UTD-MHAD pack <= 1 MB")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +125,7 @@ class LearnConfig:
 
 
 # Allowed values, checked on load (workspace.json, from_dict) and on --set.
-CHOICES = {"head": ("analytic", "linear"), "loss.ce_scope": ("all", "task")}
+CHOICES = {"head": ("analytic", "linear"), "loss.ce_scope": ("all", "task"), "pack_weights": ("float16", "int8")}
 RANGES = {  # key: (low, high, low inclusive); None = unbounded
     "encoder.width": (1, 65536, True), "encoder.experts": (1, 1024, True), "encoder.top_k": (1, 1024, True),
     "encoder.bottleneck": (1, 65536, True), "encoder.depths": (1, 64, True), "encoder.dropout": (0.0, 1.0, True),

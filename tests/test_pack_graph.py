@@ -12,7 +12,7 @@ import torch
 
 from mmcl_edge.backbones import TapSpec
 from mmcl_edge.config import EncoderConfig
-from mmcl_edge.export.pack_graph import HALF_MIN_ELEMENTS, build_pack_model, store_half
+from mmcl_edge.export.pack_graph import HALF_MIN_ELEMENTS, build_pack_model, save_pack_model
 from mmcl_edge.model import MMCLModel
 from mmcl_edge.runtime.graph_check import ALLOWED_OPS, check_graph_bytes
 
@@ -90,18 +90,27 @@ def test_the_written_graph_computes_the_model(taps, head_mode, encoder):
     assert np.max(np.abs(got_logits - plain.numpy())) > 1e-6   # the rounding is real: the check above can fail
 
 
-def test_storing_the_weights_as_float16_changes_no_output(tmp_path):
+def test_a_saved_pack_is_the_graph_and_int8_weights_halve_it_at_a_small_error(tmp_path):
     import onnx
 
     model = random_model(TWO_MODALITIES, "analytic", tap_rank=8)
-    graph, keep_float = build_pack_model(model)
     x, present = inputs(model)
+    graph, sizes = build_pack_model(model)
     in_memory = run_graph(graph, x, present)
-    sizes = store_half(graph, tmp_path / "pack.onnx", keep_float)
-    assert sizes["weights_bytes_stored"] < 0.6 * sizes["weights_bytes_fp32"]
-    stored = run_graph(onnx.load(str(tmp_path / "pack.onnx")), x, present)
-    for a, b in zip(in_memory, stored):
+    save_pack_model(graph, tmp_path / "pack.onnx")
+    for a, b in zip(in_memory, run_graph(onnx.load(str(tmp_path / "pack.onnx")), x, present)):
         assert np.array_equal(a, b)
+    assert sizes["weights_bytes_stored"] < 0.6 * sizes["weights_bytes_fp32"]
+
+    small, small_sizes = build_pack_model(model, "int8")
+    check_graph_bytes(small.SerializeToString(), ALLOWED_OPS)
+    assert small_sizes["weights_bytes_stored"] < 0.75 * sizes["weights_bytes_stored"]
+    got, _ = run_graph(small, x, present)
+    ref = in_memory[0]
+    # int8 with a scale per output feature: the logits move by about 1% of their range, no more
+    assert 1e-5 < np.max(np.abs(got - ref)) <= 0.03 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="pack weights"):
+        build_pack_model(model, "int4")
 
 
 def test_publishing_a_pack_loads_no_pytorch_exporter(tmp_path):
