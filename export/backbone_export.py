@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,21 +57,29 @@ def read_index(folder: Path) -> dict:
 
 
 def ensure_backbones(folder: Path, backbones: dict[str, TappedBackbone], specs: dict[str, PreprocessSpec],
-                     force: bool = False, log=None) -> dict:
+                     force: bool = False, log=None, in_process: bool = False) -> dict:
     """Export the backbones not yet exported (or whose identity changed); returns the index.
 
     The FP32 identity decides; a modality served in a lower precision keeps it while its weights
     are unchanged (also when ``force`` re-exports the FP32 file) and its file is there.
+
+    The export runs in a short-lived child process (``in_process``: here): the dynamo exporter's
+    modules (``torch._dynamo``, ``onnxscript``, sympy: about 190 MB on AV-Digits) never leave the
+    process that imports them, and a learner would carry them through every later task. The
+    child builds the same backbones from their specs and input shapes and checks their
+    identities; where it cannot (a backbone it cannot rebuild), the export runs here.
     """
     folder = Path(folder)
     index = read_index(folder)
-    changed = False
-    for m, bb in backbones.items():
+    todo = {m: bb for m, bb in backbones.items() if force or not _exported(index, folder, m, bb, specs[m])}
+    if not todo:
+        return index
+    if not in_process and _export_in_child(folder, todo, specs, force, log):
+        return read_index(folder)
+    for m, bb in todo.items():
         have = index["modalities"].get(m)
         file = f"{m}.onnx"
         same = have is not None and base_identity(have) == bb.identity() and have["preprocess"] == specs[m].to_dict()
-        if not force and same and (folder / file).is_file() and (folder / have["file"]).is_file():
-            continue
         if log:
             log(f"exporting the {m} backbone ({bb.name}) to ONNX ...")
         start = time.perf_counter()
@@ -85,11 +95,50 @@ def ensure_backbones(folder: Path, backbones: dict[str, TappedBackbone], specs: 
             log(f"the {m} backbone changed: its {precision.upper()} file no longer fits and FP32 serves; "
                 f"'mmcl-edge export --precision {precision}' converts it again")
         index["modalities"][m] = entry
-        changed = True
-    if changed:
-        index["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_index(folder, index)
+    index["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_index(folder, index)
     return index
+
+
+def _exported(index: dict, folder: Path, modality: str, bb: TappedBackbone, spec: PreprocessSpec) -> bool:
+    have = index["modalities"].get(modality)
+    return (have is not None and base_identity(have) == bb.identity() and have["preprocess"] == spec.to_dict()
+            and (folder / f"{modality}.onnx").is_file() and (folder / have["file"]).is_file())
+
+
+def _export_in_child(folder: Path, backbones: dict[str, TappedBackbone], specs: dict[str, PreprocessSpec],
+                     force: bool, log) -> bool:
+    """``ensure_backbones`` for ``backbones`` in a child process; False when it did not export them."""
+    job = {"folder": str(folder), "force": force,
+           "modalities": {m: {"spec": specs[m].to_dict(), "input_shape": list(bb.input_shape),
+                              "identity": bb.identity()} for m, bb in backbones.items()}}
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "mmcl_edge.export.backbone_export"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        child.stdin.write(json.dumps(job))
+        child.stdin.close()
+        for line in child.stdout:  # the child's log lines, as they come
+            if log:
+                log(line.rstrip("\n"))
+        return child.wait() == 0
+    except OSError:
+        return False
+
+
+def _child_main() -> int:
+    """The child of ``_export_in_child``: rebuild the backbones, check them, export them."""
+    from mmcl_edge.taps import backbone_for
+
+    job = json.load(sys.stdin)
+    specs, backbones = {}, {}
+    for m, e in job["modalities"].items():
+        specs[m] = PreprocessSpec.from_dict(e["spec"])
+        backbones[m] = backbone_for(specs[m], None, shape=tuple(e["input_shape"]))
+        if backbones[m].identity() != e["identity"]:
+            return 3  # not the learner's backbone: the parent exports its own
+    ensure_backbones(Path(job["folder"]), backbones, specs, force=job["force"],
+                     log=lambda note: print(note, flush=True), in_process=True)
+    return 0
 
 
 def write_index(folder: Path, index: dict) -> None:
@@ -110,3 +159,7 @@ def verify_index(folder: Path) -> list[str]:
         elif sha256_file(path) != e["sha256"]:
             problems.append(f"{m}: {path} does not match its recorded sha256")
     return problems
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmcl_edge.cholesky import cholesky_solve_in_place
+
 
 def pooled_tap_features(taps: dict[str, list[torch.Tensor]], modalities: list[str]) -> torch.Tensor:
     """Frozen-backbone features: every tap of every modality mean-pooled over tokens, L2-normalised,
@@ -49,8 +51,8 @@ class StreamingRidgeHead(nn.Module):
     @torch.no_grad()
     def update(self, feats: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
         f = feats.double()
-        outer = f.T @ f
-        self.gram += outer.mul_(weight)  # in place: one [dim, dim] temporary, not two
+        for i in range(0, f.shape[1], 256):  # in row blocks of G: a [256, dim] temporary, not [dim, dim]
+            self.gram[i:i + 256] += (f[:, i:i + 256].T @ f).mul_(weight)
         self.class_sums.index_add_(1, y, weight * f.T)
 
     @torch.no_grad()
@@ -75,20 +77,28 @@ class StreamingRidgeHead(nn.Module):
         self.class_sums[keep:] = cols.T @ self.class_sums
 
     @torch.no_grad()
-    def solve(self) -> None:
+    def solve(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``W = (G + lam I)^-1 C``; with ``extra`` ([dim, k]) also returns ``(G + lam I)^-1 extra``
+        from the same factorisation (None when ``G + lam I`` is not positive definite).
+
+        The factor is computed in ``gram``'s own memory, which is restored after
+        (``mmcl_edge.cholesky``): ``G + lam I`` and its factor were two more float64 copies of
+        ``gram`` (168 MB at 3,233 features), the learner's peak.
+        """
         # The sums are stored as float32 (half the size); rounding them here too makes a run that
         # continues from a saved state bit-identical to one that never stopped.
-        self.gram.copy_(self.gram.float())
+        for rows in torch.split(self.gram, 256):  # in row blocks: no [dim, dim] float32 temporary
+            rows.copy_(rows.float())
         self.class_sums.copy_(self.class_sums.float())
         d = self.gram.shape[0]
-        lam = self.ridge * torch.trace(self.gram) / d
+        lam = float(self.ridge * torch.trace(self.gram) / d)
         # G + lam I is symmetric positive definite: Cholesky costs half of a general solve
-        chol, info = torch.linalg.cholesky_ex(plus_diagonal(self.gram, lam))
-        if int(info) == 0:
-            w = torch.cholesky_solve(self.class_sums, chol)
-        else:  # not positive definite after rounding (lam == 0 on rank-deficient sums)
-            w = torch.linalg.solve(plus_diagonal(self.gram, lam), self.class_sums)
-        self.weight.copy_(w.float())
+        solved = cholesky_solve_in_place(self.gram, lam, [self.class_sums] + ([] if extra is None else [extra]))
+        if solved is None:  # not positive definite after rounding (lam == 0 on rank-deficient sums)
+            self.weight.copy_(torch.linalg.solve(plus_diagonal(self.gram, lam), self.class_sums).float())
+            return None
+        self.weight.copy_(solved[0].float())
+        return solved[1] if extra is not None else None
 
     # Ridge outputs regress one-hot targets (about 0..1); scaling them makes a softmax over them
     # a usable confidence score without changing which class wins.
@@ -111,12 +121,13 @@ def fit_drift_map(old: torch.Tensor, new: torch.Tensor, n_fixed: int, ridge: flo
     and regresses the remaining (adapted) features' new values on their old values plus a bias.
     ``moving_only``: only its last ``dim - n_fixed`` columns (the rest is the identity), for
     ``StreamingRidgeHead.transform(..., keep=n_fixed)``: no dense [dim, dim] matrix is built."""
-    old, new = old.double(), new.double()
     d = old.shape[1]
     bias_col = n_fixed - 1                                   # the constant-1 feature is the last fixed one
-    src = torch.cat([old[:, n_fixed:], old[:, bias_col:bias_col + 1]], dim=1)   # [N, A + 1]
+    # only the moving columns (and the bias) in float64: the fixed ones are most of the width
+    src = torch.cat([old[:, n_fixed:], old[:, bias_col:bias_col + 1]], dim=1).double()   # [N, A + 1]
     lam = ridge * torch.trace(src.T @ src) / src.shape[1]
-    a = torch.linalg.solve(src.T @ src + lam * torch.eye(src.shape[1], dtype=src.dtype), src.T @ new[:, n_fixed:])
+    a = torch.linalg.solve(src.T @ src + lam * torch.eye(src.shape[1], dtype=src.dtype),
+                           src.T @ new[:, n_fixed:].double())
     if moving_only:
         cols = torch.zeros(d, d - n_fixed, dtype=torch.float64)
         cols[n_fixed:] = a[:-1]

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from mmcl_edge.analytic import plus_diagonal
-
 DEFAULT_FALSE_ALARM = 0.05
 
 
@@ -42,14 +40,10 @@ def leave_one_out_novelty(head, feats: torch.Tensor, y: torch.Tensor, n_classes:
     stayed in is far more familiar than that. ``(I - H_gg)^-1 (F_g w - H_gg Y_g)`` per group, with
     ``H = F (G + lam I)^-1 F^T`` (Woodbury).
     """
-    g = head.gram.double()
-    d = g.shape[0]
-    lam = head.ridge * torch.trace(g) / d
-    chol, info = torch.linalg.cholesky_ex(plus_diagonal(g, lam))
     f = feats.double()
-    if int(info) != 0:
+    solved = head.solve(f.T)                                   # (G + lam I)^-1 f^T, [D, N]
+    if solved is None:
         return novelty_from_logits(head(feats)[:, :n_classes])
-    solved = torch.cholesky_solve(f.T, chol)                  # (G + lam I)^-1 f^T, [D, N]
     fitted = f @ head.weight.double()[:, :n_classes]
     onehot = torch.nn.functional.one_hot(y, n_classes).double()
     loo = torch.empty_like(fitted)

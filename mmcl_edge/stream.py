@@ -49,13 +49,28 @@ class TapSource:
         self.progress = progress  # progress(description, total) -> context manager with .advance(n)
         self.specs = {m: (dataclasses.replace(s, encoding=encoding) if encoding in ENCODINGS[s.kind] else s)
                       for m, s in specs.items()}
-        self.backbones: dict[str, TappedBackbone] = {
-            m: backbone_for(spec, None if examples is None else examples[m],
-                            shape=None if shapes is None else shapes[m]) for m, spec in self.specs.items()}
+        self._build = lambda: {m: backbone_for(spec, None if examples is None else examples[m],
+                                               shape=None if shapes is None else shapes[m])
+                               for m, spec in self.specs.items()}
+        self._backbones: dict[str, TappedBackbone] | None = None
+        self._taps = {m: b.taps for m, b in self.backbones.items()}
+
+    @property
+    def backbones(self) -> dict[str, TappedBackbone]:
+        """The frozen PyTorch backbones, built when asked for: only tap extraction and a backbone
+        export need them, and ``release_backbones`` lets them go in between (AV-Digits: 27 MB of
+        weights a learner held through training and the ridge head's solve)."""
+        if self._backbones is None:
+            self._backbones = self._build()
+        return self._backbones
+
+    def release_backbones(self) -> None:
+        """Drop the backbones until they are needed again (``memory.release`` returns the memory)."""
+        self._backbones = None
 
     @property
     def modality_taps(self):
-        return {m: b.taps for m, b in self.backbones.items()}
+        return self._taps
 
     def taps_of(self, ds: MultiModalDataset, y: np.ndarray, what: str = "") -> tuple[TaskData, float, int]:
         """Taps of every sample of ``ds`` (labelled ``y``, head indices). A sample that lacks a
@@ -71,7 +86,7 @@ class TapSource:
                 arrays, stats = self.cache.get(m, samples, spec, self.backbones[m],
                                                progress=(bar.advance if bar is not None else None))
             if len(rows) < len(ds):
-                full = [np.zeros((len(ds), *t_shape(tap)), np.float32) for tap in self.backbones[m].taps]
+                full = [np.zeros((len(ds), *t_shape(tap)), np.float32) for tap in self._taps[m]]
                 for f, a in zip(full, arrays):
                     f[rows] = a
                 arrays = full
@@ -212,7 +227,8 @@ def run_tasks(tasks, learner: Learner, source: TapSource, classes: list[str] | N
         classes = add_classes(classes, task)
         per_task = start_task_peak()
         train, heldout, extract_s, extracted = task_taps(source, task, classes, f"task {t}")
-        memory.release()  # the backbones' activations: freed, but glibc's heap would keep them
+        source.release_backbones()
+        memory.release()  # the backbones and their activations: freed, but glibc's heap would keep them
         result.heldouts.append(heldout)
         row, info = learn_one_task(learner, t, train, len(classes), result.heldouts, per_task)
         record = {"index": t, "name": task.name, "classes": [task.names[int(c)] for c in np.unique(task.train.y)],

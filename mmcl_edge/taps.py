@@ -72,41 +72,42 @@ class ExtractStats:
 
 
 class TapCache:
-    """A folder of ``.npz`` shards per (modality, backbone, preprocessing)."""
+    """A folder of ``.npz`` shards per (modality, backbone, preprocessing).
+
+    Only the shards' sample keys stay in memory; a request's taps are read shard by shard. (The
+    taps of every task so far, held merged in memory and copied whole at every extraction, were
+    most of a learner's memory at tap extraction, and grew with each task.)
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._loaded: dict[Path, tuple[dict[bytes, int], list[np.ndarray]]] = {}
+        self._index: dict[Path, dict[bytes, tuple[int, int]]] = {}  # sample key -> (shard, row)
 
     def _folder(self, modality: str, backbone: TappedBackbone, spec: PreprocessSpec) -> Path:
         return self.root / f"{modality}-{backbone.name}-{backbone.identity()}-{spec.digest()}"
 
-    def _load(self, folder: Path):
-        if folder not in self._loaded:
-            index: dict[bytes, int] = {}
-            parts: list[list[np.ndarray]] = []
-            for shard in _shards(folder):
+    def _load(self, folder: Path) -> dict[bytes, tuple[int, int]]:
+        if folder not in self._index:
+            index: dict[bytes, tuple[int, int]] = {}
+            for s, shard in enumerate(_shards(folder)):
                 with np.load(shard) as z:
-                    keys = z["keys"]
-                    taps = [z[f"tap{i}"] for i in range(len(z.files) - 1)]
-                base = sum(len(p[0]) for p in parts)
+                    keys = z["keys"]  # an npz member is read when asked for: the taps stay on disk
                 for i, k in enumerate(keys):
                     # numpy's "S" dtype drops trailing NUL bytes; a digest may end in them.
-                    index.setdefault(bytes(k).ljust(_KEY_BYTES, b"\0"), base + i)
-                parts.append(taps)
-            merged = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
-            self._loaded[folder] = (index, merged)
-        return self._loaded[folder]
+                    index.setdefault(bytes(k).ljust(_KEY_BYTES, b"\0"), (s, i))
+            self._index[folder] = index
+        return self._index[folder]
 
     def get(self, modality: str, samples: list[np.ndarray], spec: PreprocessSpec, backbone: TappedBackbone,
             batch_size: int = 64, progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], ExtractStats]:
         """Taps ``[N, tokens, dim]`` (one array per tap) for ``samples``; extracts only what is missing."""
         start = time.perf_counter()
         folder = self._folder(modality, backbone, spec)
-        index, arrays = self._load(folder)
+        index = self._load(folder)
         keys = [sample_key(s) for s in samples]
         missing = list(dict.fromkeys(k for k in keys if k not in index))
         stats = ExtractStats(requested=len(samples), extracted=len(missing))
+        fresh: tuple[int, list[np.ndarray]] | None = None  # the shard just written, still in memory
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
             if spec.kind == "text":  # texts of similar length share a batch: less padding to encode
@@ -126,8 +127,10 @@ class TapCache:
                     if progress:
                         progress(len(chunk))
             new_arrays = [np.concatenate(n) for n in new]
+            del new
             folder.mkdir(parents=True, exist_ok=True)
-            shard = folder / f"shard_{len(_shards(folder)):05d}.npz"
+            number = len(_shards(folder))
+            shard = folder / f"shard_{number:05d}.npz"
             content = {"keys": np.array(missing, dtype=f"S{_KEY_BYTES}"), **{f"tap{i}": a for i, a in enumerate(new_arrays)}}
 
             def write(tmp: Path) -> None:
@@ -136,11 +139,25 @@ class TapCache:
 
             # a reader never sees a half-written shard; a full disk leaves no temporary and names the shard
             layout.atomic_write(shard, write)
-            base = len(arrays[0]) if arrays else 0
             for i, k in enumerate(missing):
-                index[k] = base + i
-            arrays = [np.concatenate([a, n]) for a, n in zip(arrays, new_arrays)] if arrays else new_arrays
-            self._loaded[folder] = (index, arrays)
-        rows = np.array([index[k] for k in keys], dtype=int)
+                index[k] = (number, i)
+            fresh = (number, new_arrays)
+        out = None
+        where = np.array([index[k] for k in keys], dtype=int).reshape(len(keys), 2)
+        shards = _shards(folder)
+        for s in np.unique(where[:, 0]):
+            pos = np.flatnonzero(where[:, 0] == s)
+            if fresh is not None and s == fresh[0]:
+                arrays = fresh[1]
+            else:
+                with np.load(shards[s]) as z:
+                    arrays = [z[f"tap{i}"] for i in range(len(z.files) - 1)]
+            if out is None:
+                out = [np.empty((len(keys), *a.shape[1:]), a.dtype) for a in arrays]
+            for o, a in zip(out, arrays):
+                o[pos] = a[where[pos, 1]]
+            del arrays
+        if out is None:  # no sample asked for
+            out = [np.zeros((0, t.tokens, t.dim), np.float32) for t in backbone.taps]
         stats.seconds = time.perf_counter() - start
-        return [a[rows] for a in arrays], stats
+        return out, stats

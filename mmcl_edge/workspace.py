@@ -470,7 +470,8 @@ class Workspace:
         src = self.tap_source(progress)
         per_task = start_task_peak()  # the task's peak: its taps, learning and pack (report.json)
         train, held, extract_s, extracted = task_taps(src, task, classes, f"task {k}")
-        memory.release()  # the backbones' activations: freed, but glibc's heap would keep them
+        src.release_backbones()  # built again only to export them (the pack's first task)
+        memory.release()  # the backbones and their activations: freed, but glibc's heap would keep them
         heldouts = [self.heldout(j) for j in range(k)] + [held]
         learner = self.learner_at(k)
         self._learner = None  # it is about to change: a refused task must not leave it half-taught
@@ -500,6 +501,7 @@ class Workspace:
         # (2) the pack, made current, (3) the report row
         pack = self.after_task(k, learner.model)
         record.update(task_peak(per_task))  # now with the pack's export (the state keeps the peak before it)
+        src.release_backbones()
         memory.release()
         report = self.report()
         report["accuracy_matrix"] = report["accuracy_matrix"][:k] + [row]

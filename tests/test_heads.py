@@ -185,3 +185,53 @@ def test_teacher_is_a_frozen_copy_without_the_ridge_sums():
     assert torch.equal(model.analytic.gram, gram)
     assert not any(p.requires_grad for p in old.parameters()) and not old.training
     assert torch.equal(old.training_logits(x)[0], model.training_logits(x)[0])
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    x = torch.randn(d, d + 20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x @ x.T
+
+
+@pytest.mark.parametrize("source", ["torch", "scipy"])
+def test_in_place_cholesky_solve_matches_torch_and_restores_the_matrix(source, monkeypatch):
+    """The ridge head's solve factors its Gram matrix in its own memory (no [d, d] copies): same
+    answer as torch's Cholesky, and the matrix is as before afterwards."""
+    from mmcl_edge import cholesky
+
+    if source == "scipy":  # a PyTorch build that exports no LAPACK
+        monkeypatch.setattr(cholesky, "_FUNCS", [])
+        monkeypatch.setattr(cholesky.os.path, "dirname", lambda p: "/nonexistent")
+    else:
+        monkeypatch.setattr(cholesky, "_FUNCS", [])
+    d = 300  # more than one 256-row block
+    a = _spd(d, 0)
+    b = torch.randn(d, 7, dtype=torch.float64)
+    b2 = torch.randn(40, d, dtype=torch.float64).T   # a transposed view, as the head passes features
+    lam = 0.5
+    chol = torch.linalg.cholesky(a + lam * torch.eye(d, dtype=torch.float64))
+    want, want2 = torch.cholesky_solve(b, chol), torch.cholesky_solve(b2, chol)
+    work, b_before, b2_before = a.clone(), b.clone(), b2.clone()
+    got, got2 = cholesky.cholesky_solve_in_place(work, lam, [b, b2])
+    assert torch.equal(work, a) and torch.equal(b, b_before) and torch.equal(b2, b2_before)
+    assert (got - want).abs().max() < 1e-10 and (got2 - want2).abs().max() < 1e-10
+    not_pd = -a
+    assert cholesky.cholesky_solve_in_place(not_pd, 0.0, [b]) is None and torch.equal(not_pd, -a)
+
+
+def test_ridge_head_solve_is_unchanged_and_leaves_the_sums():
+    """``solve`` equals the copying Cholesky it replaced (within float64 rounding; bit for bit where
+    PyTorch's own LAPACK is used), returns the solve of ``extra``, and keeps the (rounded) sums."""
+    from mmcl_edge.analytic import plus_diagonal
+
+    f, y = _data(400, 300, 5, seed=4)
+    head = StreamingRidgeHead(300, 5)
+    head.update(f, y)
+    gram = head.gram.float().double()
+    sums = head.class_sums.float().double()
+    lam = head.ridge * torch.trace(gram) / 300
+    chol = torch.linalg.cholesky(plus_diagonal(gram, lam))
+    extra = f[:50].double().T
+    got = head.solve(extra)
+    assert torch.equal(head.gram, gram) and torch.equal(head.class_sums, sums)
+    assert (head.weight - torch.cholesky_solve(sums, chol).float()).abs().max() < 1e-6
+    assert (got - torch.cholesky_solve(extra, chol)).abs().max() < 1e-10

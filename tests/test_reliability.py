@@ -337,3 +337,22 @@ def test_a_symlink_loop_as_the_workspace_is_one_line(tmp_path):
     for args in (("info", "-w", loop), ("eval", "-w", loop), ("predict", "-w", loop, "-i", "x.npz")):
         r = invoke(*args)
         assert r.exit_code == 2 and "error:" in r.output and "loop" in r.output.lower(), (args, r.output)
+
+
+def test_learning_keeps_no_backbone_and_exports_them_in_a_child(tmp_path, monkeypatch):
+    """Memory (#19): the PyTorch backbones live only while taps are extracted, and their ONNX
+    export runs in a child process (the dynamo exporter's modules never stay in the learner)."""
+    from mmcl_edge.config import LearnConfig
+    from mmcl_edge.export import backbone_export
+    from mmcl_edge.workspace import Workspace
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a backbone was exported in the learner's own process")
+
+    monkeypatch.setattr(backbone_export, "export_backbone", not_here)
+    ws = Workspace.open_or_create(tmp_path / "ws", {"scenario": "synthetic-cil", "seed": 0},
+                                  LearnConfig().override({"train.epochs": 1}))
+    ws.learn(task=0)
+    assert ws.tap_source()._backbones is None
+    assert not backbone_export.verify_index(ws.root / "backbones")
+    assert set(backbone_export.read_index(ws.root / "backbones")["modalities"]) == set(ws.specs)
