@@ -121,15 +121,12 @@ class MMCLModel(nn.Module):
                     fused_weight=d.get("fused_weight", 2.0), novelty=d.get("novelty"))
         return model
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """What ``save`` writes: the ridge sums are float64 in memory but float32 on disk (ample precision)."""
-        return {k: (v.float() if v.dtype == torch.float64 else v).detach().contiguous()
-                for k, v in self.state_dict().items()}
-
     def save(self, weights: Path, meta: Path, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        """The weights as safetensors (the ridge sums, float64 in memory, as float32: ample precision),
+        streamed tensor by tensor (``mmcl_edge/state_file.py``), then the description as JSON."""
+        from mmcl_edge.state_file import write_state
 
-        save_file(self.state_tensors(), str(weights))
+        write_state(weights, self.state_dict())
         meta.write_text(json.dumps({**self.describe(), **(extra or {})}, indent=2))
 
     @classmethod

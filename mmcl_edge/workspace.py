@@ -282,12 +282,12 @@ class Workspace:
 
     def save_state(self, k: int, model: MMCLModel, extra: dict) -> None:
         """Commit task ``k``'s state: weights first, then the JSON (written last, it commits the task)."""
-        from safetensors.torch import save
+        from mmcl_edge.state_file import write_state
 
         weights, meta = self.state_paths(k)
-        # serialised in memory, written by Python: a refused write is an OSError that names the file
-        # (safetensors' own save_file raises a SafetensorError without errno or path)
-        layout.atomic_write_bytes(weights, save(model.state_tensors()))
+        # streamed by Python: a refused write is an OSError that names the file (safetensors' own
+        # save_file raises a SafetensorError without errno or path), and no second copy is built
+        write_state(weights, model.state_dict())
         write_json_atomic(meta, {**model.describe(), **extra})
 
     def drop_states(self, start: int, stop: int) -> None:
