@@ -206,3 +206,23 @@ def test_locate_fsdd_finds_nested_recordings(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(tmp_path))
     assert locate_fsdd() == rec
     assert locate_fsdd(rec) == rec
+
+
+def test_digit_images_read_without_scikit_learn_are_scikit_learns():
+    """AV-Digits reads scikit-learn's digits CSV itself (importing scikit-learn kept 79 MB resident)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from mmcl_edge.data.avdigits import load_digit_images
+
+    images, targets = load_digit_images()
+    ref = load_digits()
+    assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
+    assert np.array_equal(targets, ref.target)
+    code = ("import sys; from mmcl_edge.data.avdigits import load_digit_images; load_digit_images(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

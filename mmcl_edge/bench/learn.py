@@ -79,11 +79,12 @@ def _ce_train(model, cfg, n: int, y_all, batch_taps: Callable, on_step: Callable
     import torch
     import torch.nn.functional as F
 
+    from mmcl_edge.optim import OneCycleAdamW
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, int(np.ceil(n / cfg.train.batch_size)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr,
-                                                total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.1)
+    opt = OneCycleAdamW(params, max_lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                        total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     loss_value = float("nan")
     model.train()
@@ -94,10 +95,9 @@ def _ce_train(model, cfg, n: int, y_all, batch_taps: Callable, on_step: Callable
             if len(idx) >= 2:
                 logits, _ = model.training_logits(batch_taps(idx))
                 loss = F.cross_entropy(logits, y_all[idx])
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
-                sched.step()
                 loss_value = float(loss.detach())
             on_step()
     model.eval()

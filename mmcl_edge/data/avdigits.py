@@ -6,10 +6,13 @@ their own shift (rotation, contrast, noise), so both modalities drift.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from mmcl_edge.data.dataset import MultiModalDataset, Scenario, class_incremental_tasks, domain_incremental_tasks
 from mmcl_edge.data.fsdd import locate_fsdd, read_fsdd
+from mmcl_edge.errors import DataFormatError
 from mmcl_edge.preprocess import PreprocessSpec
 
 SPEAKER_GROUPS = (("george", "jackson"), ("lucas", "nicolas"), ("theo", "yweweler"))
@@ -28,15 +31,29 @@ def image_shift(img: np.ndarray, domain: int, rng: np.random.Generator) -> np.nd
     return np.clip(img, 0.0, 16.0)
 
 
-def load_avdigits(setting: str = "class-il", data_dir=None, seed: int = 0) -> Scenario:
-    from sklearn.datasets import load_digits
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 handwritten digits (images ``[1797, 8, 8]`` float64 0..16, targets), read
+    from the CSV scikit-learn ships, as its ``load_digits`` reads it. Without importing
+    scikit-learn: that import (and SciPy's with it) kept 79 MB resident in the learner."""
+    import gzip
+    from importlib.util import find_spec
 
+    spec = find_spec("sklearn")  # finds the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise DataFormatError("AV-Digits needs scikit-learn's digit images: pip install scikit-learn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+
+
+def load_avdigits(setting: str = "class-il", data_dir=None, seed: int = 0) -> Scenario:
     clips = read_fsdd(locate_fsdd(data_dir))
-    digits = load_digits()
+    images, targets = load_digit_images()
     rng = np.random.default_rng(seed)
     train_imgs, test_imgs = {}, {}
     for c in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        idx = rng.permutation(np.flatnonzero(targets == c))
         test_imgs[c], train_imgs[c] = idx[:TEST_IMAGES_PER_DIGIT], idx[TEST_IMAGES_PER_DIGIT:]
     group_of = {s: g for g, names in enumerate(SPEAKER_GROUPS) for s in names}
 
@@ -45,7 +62,7 @@ def load_avdigits(setting: str = "class-il", data_dir=None, seed: int = 0) -> Sc
         audio, image, y, dom = [], [], [], []
         for clip in split_clips:
             c = clip.digit
-            img = digits.images[pool[c][used[c] % len(pool[c])]]
+            img = images[pool[c][used[c] % len(pool[c])]]
             used[c] += 1
             d = group_of.get(clip.speaker, 0)
             if setting == "domain-il":

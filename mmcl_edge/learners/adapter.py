@@ -15,6 +15,7 @@ from mmcl_edge.config import LearnConfig
 from mmcl_edge.learners.base import Learner, TaskData
 from mmcl_edge.model import MMCLModel
 from mmcl_edge.novelty import leave_one_out_novelty
+from mmcl_edge.optim import OneCycleAdamW
 
 
 def to_torch(data: TaskData, idx=None) -> dict[str, list[torch.Tensor]]:
@@ -83,10 +84,10 @@ class AdapterLearner(Learner):
         params = [p for p in model.parameters() if p.requires_grad]
         # a previous model exists: adapt slowly, so old classes' features drift little (SLCA's slow learner)
         lr = cfg.train.lr * (cfg.train.later_lr_scale if self.old is not None else 1.0)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
         steps_per_epoch = max(1, int(np.ceil(len(train) / cfg.train.batch_size)))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.train.epochs * steps_per_epoch,
-                                                    pct_start=0.1)
+        # PyTorch's AdamW + OneCycleLR, bit for bit, without the 73 MB compiler stack they import (optim.py)
+        opt = OneCycleAdamW(params, max_lr=lr, weight_decay=cfg.train.weight_decay,
+                            total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.1)
         gen = torch.Generator().manual_seed(seed)
         y_all = torch.from_numpy(train.y).long()
         p_drop = cfg.train.modality_dropout if len(train.taps) > 1 else 0.0
@@ -124,10 +125,9 @@ class AdapterLearner(Learner):
                 extra = self.extra_loss(model)
                 if extra is not None:
                     loss = loss + extra
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
-                sched.step()
         model.eval()
         newly_frozen = self._freeze_influential(data) if cfg.freeze.enabled else []
         if model.analytic is not None:
