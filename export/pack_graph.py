@@ -13,10 +13,10 @@ pool. Written here, the same computation is fewer, larger operators:
 
 Every weight is the model's own tensor, reshaped or concatenated but never multiplied by another
 (folding a LayerNorm's scale into the next matrix would round differently once stored as float16),
-so a pack equals the model with its weights rounded as stored, to float32 rounding.
-The graph computes exactly ``PackGraph`` (``export/pack_export.py``): ``tests/test_pack_graph.py``
-holds them to 1e-4 on random and learned models, with absent modalities. Only operators of the
-runtime's allow-list are used (``runtime/graph_check.py``).
+so a pack equals the model with its weights rounded as stored, to float32 rounding:
+``tests/test_pack_graph.py`` holds them to 1e-4 on random models with absent modalities, and
+``tests/test_export_parity.py`` on a learned one. Only operators of the runtime's allow-list are
+used (``runtime/graph_check.py``).
 """
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
     inputs = [helper.make_tensor_value_info(f"{m}__{t.name}", TensorProto.FLOAT, ["batch", t.tokens, t.dim])
               for m in mods for t in enc.modality_taps[m]]
     inputs.append(helper.make_tensor_value_info(PRESENT_INPUT, TensorProto.FLOAT, ["batch", m_count]))
+    def layer_norm(x: str, norm, name: str) -> str:
+        scale = g.weight(_np(norm.weight), f"{name}_w", norm.weight)
+        shift = g.weight(_np(norm.bias), f"{name}_b", norm.bias)
+        return g.op("LayerNormalization", [x, scale, shift], axis=-1, epsilon=LN_EPS)
+
     mask3 = g.op("Unsqueeze", [PRESENT_INPUT, g.ints([2], "axes_2")])          # [B, M, 1]
     mask4 = g.op("Unsqueeze", [PRESENT_INPUT, g.ints([1, 3], "axes_1_3")])     # [B, 1, M, 1]
 
@@ -138,10 +143,10 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
             taps = enc.modality_taps[m]
             tap = taps[tap_for_depth(l, depths, len(taps))]
             proj = enc.proj[i][l]
-            x = g.op("LayerNormalization", [f"{m}__{tap.name}", g.weight(_np(proj.norm.weight), f"p{l}_{m}_ln_w", proj.norm.weight),
-                                            g.weight(_np(proj.norm.bias), f"p{l}_{m}_ln_b", proj.norm.bias)], axis=-1, epsilon=LN_EPS)
+            x = layer_norm(f"{m}__{tap.name}", proj.norm, f"p{l}_{m}_ln")
             if proj.reduce is not None:
-                x = g.op("MatMul", [x, g.weight(_np(proj.reduce.weight).T, f"p{l}_{m}_reduce", proj.reduce.weight, per=-1)])
+                reduce = g.weight(_np(proj.reduce.weight).T, f"p{l}_{m}_reduce", proj.reduce.weight, per=-1)
+                x = g.op("MatMul", [x, reduce])
             slots.append(proj)
             feats_in.append((x, proj.proj.in_features))
     sizes = {n for _, n in feats_in}
@@ -151,13 +156,15 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
         stacked = g.op("Concat", flat, axis=1)                                        # [B, L*M, 1, in]
         w = np.stack([_np(p.proj.weight).T for p in slots])                           # [L*M, in, W]
         b = np.stack([_np(p.proj.bias)[None] for p in slots])                         # [L*M, 1, W]
-        u = g.op("Add", [g.op("MatMul", [stacked, g.weight(w, "proj_w", *(p.proj.weight for p in slots), per=-1)]), g.weight(b, "proj_b", *(p.proj.bias for p in slots))])
+        w = g.weight(w, "proj_w", *(p.proj.weight for p in slots), per=-1)
+        b = g.weight(b, "proj_b", *(p.proj.bias for p in slots))
+        u = g.op("Add", [g.op("MatMul", [stacked, w]), b])
     else:                 # taps of different token counts or ranks: one Gemm each
         outs = []
         for k, ((x, n_in), p) in enumerate(zip(feats_in, slots)):
             x2 = g.op("Reshape", [x, g.ints([0, n_in], f"shape_2d_{n_in}")])
-            y = g.op("Gemm", [x2, g.weight(_np(p.proj.weight), f"proj{k}_w", p.proj.weight, per=0), g.weight(_np(p.proj.bias), f"proj{k}_b", p.proj.bias)],
-                     transB=1)
+            y = g.op("Gemm", [x2, g.weight(_np(p.proj.weight), f"proj{k}_w", p.proj.weight, per=0),
+                              g.weight(_np(p.proj.bias), f"proj{k}_b", p.proj.bias)], transB=1)
             outs.append(g.op("Reshape", [y, g.ints([0, 1, 1, width], "shape_slot")]))
         u = g.op("Concat", outs, axis=1)
     u = g.op("Mul", [g.op("Reshape", [u, g.ints([0, depths, m_count, width], "shape_u")]), mask4])  # [B, L, M, W]
@@ -172,43 +179,45 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
         u_l = g.op("Gather", [u, g.const(np.array(l, np.int64), f"depth_{l}", np.int64)], axis=1)   # [B, M, W]
         state = u_l if state is None else g.op("Add", [state, u_l])
         router = enc.routers[l]
-        x = g.op("LayerNormalization", [state, g.weight(_np(router.norm.weight), f"r{l}_ln_w", router.norm.weight),
-                                        g.weight(_np(router.norm.bias), f"r{l}_ln_b", router.norm.bias)], axis=-1, epsilon=LN_EPS)
-        if router.cross_modal:
-            wr = np.concatenate([_np(p.weight) for p in router.proj])                 # [M*E, M*W]
-            bias = np.concatenate([_np(p.bias) for p in router.proj])
-            logits = g.op("Gemm", [g.op("Reshape", [x, g.ints([0, m_count * width], "shape_states_flat")]),
-                                   g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj), per=0 if router.cross_modal else -1), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))], transB=1)
-            logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
-        else:
-            wr = np.stack([_np(p.weight).T for p in router.proj])                     # [M, W, E]
-            bias = np.stack([_np(p.bias)[None] for p in router.proj])                 # [M, 1, E]
-            x4 = g.op("Unsqueeze", [x, g.ints([2], "axes_2")])
-            logits = g.op("Add", [g.op("MatMul", [x4, g.weight(wr, f"r{l}_w", *(p.weight for p in router.proj), per=0 if router.cross_modal else -1)]), g.weight(bias, f"r{l}_b", *(p.bias for p in router.proj))])
-            logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
+        x = layer_norm(state, router.norm, f"r{l}_ln")
+        weights = [p.weight for p in router.proj]
+        biases = [p.bias for p in router.proj]
+        if router.cross_modal:   # every modality's router reads all states: one Gemm for all of them
+            wr = g.weight(np.concatenate([_np(w) for w in weights]), f"r{l}_w", *weights, per=0)   # [M*E, M*W]
+            br = g.weight(np.concatenate([_np(b) for b in biases]), f"r{l}_b", *biases)
+            flat = g.op("Reshape", [x, g.ints([0, m_count * width], "shape_states_flat")])
+            logits = g.op("Gemm", [flat, wr, br], transB=1)
+        else:                    # each modality's router reads its own state: a batched MatMul
+            wr = g.weight(np.stack([_np(w).T for w in weights]), f"r{l}_w", *weights, per=-1)      # [M, W, E]
+            br = g.weight(np.stack([_np(b)[None] for b in biases]), f"r{l}_b", *biases)            # [M, 1, E]
+            logits = g.op("Add", [g.op("MatMul", [g.op("Unsqueeze", [x, g.ints([2], "axes_2")]), wr]), br])
+        logits = g.op("Reshape", [logits, g.ints([0, m_count, n_exp], "shape_gates")])
         top = g.op("TopK", [logits, g.ints([k], "top_k")], outputs=2, axis=-1)[0]
         kth = g.op("Gather", [top, g.ints([k - 1], "kth")], axis=-1)                  # [B, M, 1]
         masked = g.op("Where", [g.op("Less", [logits, kth]), g.const(-np.inf, "minus_inf"), logits])
         gates = g.op("Softmax", [masked], axis=-1)                                     # zero outside the top k
-        pool, norm = enc.pools[l], enc.expert_norm[l]
-        x = g.op("LayerNormalization", [state, g.weight(_np(norm.weight), f"e{l}_ln_w", norm.weight),
-                                        g.weight(_np(norm.bias), f"e{l}_ln_b", norm.bias)], axis=-1, epsilon=LN_EPS)
-        wd = np.concatenate([_np(e.down.weight) for e in pool.experts]).T             # [W, E*b]
-        bd = np.concatenate([_np(e.down.bias) for e in pool.experts])
-        h = g.op("Add", [g.op("MatMul", [x, g.weight(wd, f"e{l}_down_w", *(e.down.weight for e in pool.experts), per=-1)]), g.weight(bd, f"e{l}_down_b", *(e.down.bias for e in pool.experts))])
+
+        experts = enc.pools[l].experts
+        x = layer_norm(state, enc.expert_norm[l], f"e{l}_ln")
+        downs, ups = [e.down.weight for e in experts], [e.up.weight for e in experts]
+        down_b, up_b = [e.down.bias for e in experts], [e.up.bias for e in experts]
+        wd = g.weight(np.concatenate([_np(w) for w in downs]).T, f"e{l}_down_w", *downs, per=-1)  # [W, E*b]
+        bd = g.weight(np.concatenate([_np(b) for b in down_b]), f"e{l}_down_b", *down_b)
+        h = g.op("Add", [g.op("MatMul", [x, wd]), bd])
         # gelu(h) = 0.5 h (1 + erf(h / sqrt 2)); the 0.5 goes into the up map (a power of two: exact)
         erf = g.op("Erf", [g.op("Mul", [h, g.const(np.float32(1 / math.sqrt(2)), "inv_sqrt2")])])
         act = g.op("Mul", [h, g.op("Add", [erf, g.const(np.float32(1.0), "one")])])
         act = g.op("Mul", [act, g.op("MatMul", [gates, expand_name])])                 # each expert's units x its gate
-        wu = 0.5 * np.concatenate([_np(e.up.weight) for e in pool.experts], axis=1).T  # [E*b, W]
-        ub = np.stack([_np(e.up.bias) for e in pool.experts])                         # [E, W]
-        out = g.op("Add", [g.op("MatMul", [act, g.weight(wu, f"e{l}_up_w", *(e.up.weight for e in pool.experts), per=-1)]), g.op("MatMul", [gates, g.weight(ub, f"e{l}_up_b", *(e.up.bias for e in pool.experts))])])
+        wu = g.weight(0.5 * np.concatenate([_np(w) for w in ups], axis=1).T, f"e{l}_up_w", *ups, per=-1)  # [E*b, W]
+        ub = g.weight(np.stack([_np(b) for b in up_b]), f"e{l}_up_b", *up_b)                            # [E, W]
+        out = g.op("Add", [g.op("MatMul", [act, wu]), g.op("MatMul", [gates, ub])])
         state = g.op("Add", [state, out])
 
     # 3. per-modality output norms, then the mean over the modalities present
+    scales, shifts = [n.weight for n in enc.out_norm], [n.bias for n in enc.out_norm]
     z = g.op("LayerNormalization", [state, g.const(np.ones(width), "ones_width")], axis=-1, epsilon=LN_EPS)
-    z = g.op("Add", [g.op("Mul", [z, g.weight(np.stack([_np(n.weight) for n in enc.out_norm]), "out_w", *(n.weight for n in enc.out_norm))]),
-                     g.weight(np.stack([_np(n.bias) for n in enc.out_norm]), "out_b", *(n.bias for n in enc.out_norm))])
+    z = g.op("Mul", [z, g.weight(np.stack([_np(w) for w in scales]), "out_w", *scales)])
+    z = g.op("Add", [z, g.weight(np.stack([_np(b) for b in shifts]), "out_b", *shifts)])
     total = g.op("ReduceSum", [g.op("Mul", [z, mask3]), g.ints([1], "axes_1")], keepdims=0)
     count = g.op("Clip", [g.op("ReduceSum", [PRESENT_INPUT, g.ints([1], "axes_1")], keepdims=1),
                           g.const(np.float32(1.0), "one")])
@@ -226,15 +235,17 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
                 pooled.append(g.op("Div", [mean, norm]))
         scaled = g.op("Mul", [fused, g.const(np.float32(model.fused_scale), "fused_scale")])
         feats = g.op("Concat", [*pooled, scaled], axis=-1)
-        w = _np(model.analytic.weight)[:, :n_out]                                      # [taps + 1 + W, C]
-        n_fixed = model.fixed_feature_dim()                                            # its constant-1 row is the bias
-        raw = g.op("Gemm", [feats, g.weight(np.concatenate([w[:n_fixed - 1], w[n_fixed:]]), "head_w", model.analytic.weight, per=0),
-                            g.weight(w[n_fixed - 1], "head_b", model.analytic.weight)])
+        head = model.analytic.weight
+        w = _np(head)[:, :n_out]                           # [taps + 1 + W, C]
+        one = model.fixed_feature_dim() - 1                # the constant-1 feature's row is the bias
+        raw = g.op("Gemm", [feats, g.weight(np.concatenate([w[:one], w[one + 1:]]), "head_w", head, per=0),
+                            g.weight(w[one], "head_b", head)])
         g.op("Mul", [raw, g.const(np.float32(model.analytic.logit_scale), "logit_scale")], outputs=["logits"])
     else:
-        blocks = model.head.blocks
-        g.op("Gemm", [fused, g.weight(np.concatenate([_np(b.weight) for b in blocks]), "head_w", *(b.weight for b in blocks), per=0),
-                      g.weight(np.concatenate([_np(b.bias) for b in blocks]), "head_b", *(b.bias for b in blocks))], outputs=["logits"], transB=1)
+        weights, biases = [b.weight for b in model.head.blocks], [b.bias for b in model.head.blocks]
+        g.op("Gemm", [fused, g.weight(np.concatenate([_np(w) for w in weights]), "head_w", *weights, per=0),
+                      g.weight(np.concatenate([_np(b) for b in biases]), "head_b", *biases)],
+             outputs=["logits"], transB=1)
 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out]),
                helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", width])]
