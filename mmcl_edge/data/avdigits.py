@@ -42,6 +42,11 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     if spec is None or not spec.submodule_search_locations:
         raise DataFormatError("AV-Digits needs scikit-learn's digit images: pip install scikit-learn")
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():  # a scikit-learn that keeps the file elsewhere: its own loader
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
     with gzip.open(path, mode="rt", encoding="utf-8") as f:
         data = np.loadtxt(f, delimiter=",")
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
