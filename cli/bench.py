@@ -343,7 +343,7 @@ def bench_latency(
     pack_over_backbone, total_over_bare_backbones, backbone_gflops_per_s, pytorch_eager_ms,
     speedup_vs_eager, throughput_samples_per_s}; backbone_flops, reference_gflops, backbone_bytes,
     pack_bytes, pack_kb, swap_ms, runtime_memory_mb.{rss_mb, peak_rss_mb}, providers, pack_providers,
-    bare, loadavg (benchmarks/README.md says what each means).
+    lanes, bare, loadavg (benchmarks/README.md says what each means).
     """
     import importlib.util
 
@@ -360,7 +360,7 @@ def bench_latency(
     result = {"workspace": str(root), "providers": rt.providers, "pack_providers": rt.pack_providers,
               "bare": "onnxruntime.InferenceSession(path) with onnxruntime's defaults, preprocessed input",
               "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-              "backbones": rt.backbones.backends,
+              "backbones": rt.backbones.backends, "lanes": rt.backbones.lanes,
               "pack_kb": sum(f.stat().st_size for f in rt.pack.folder.iterdir()) // 1024,
               "pack_bytes": {f.name: f.stat().st_size for f in rt.pack.folder.iterdir()},
               "backbone_bytes": {m: (bb_dir / e["file"]).stat().st_size for m, e in rt.backbones.index.items()},

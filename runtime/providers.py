@@ -60,8 +60,18 @@ def choose(requested: list[str] | str | None = None) -> list[str]:
     return chosen
 
 
-def spinning() -> bool:
-    return os.environ.get("MMCL_EDGE_SERVE_SPIN", "0") == "1"
+SPIN_ENV = "MMCL_EDGE_SERVE_SPIN"
+SPIN_POLICIES = {"run": "run", "always": "always", "1": "always", "never": "never", "0": "never"}
+
+
+def spin_policy() -> str:
+    """How idle onnxruntime threads wait ($MMCL_EDGE_SERVE_SPIN): "never" (or 0, the default): sleep
+    at once, even between the operators of one run; "run": spin while a run is going and sleep as
+    soon as it returns; "always" (or 1): onnxruntime's default, spin between runs too."""
+    value = os.environ.get(SPIN_ENV, "never").strip().lower()
+    if value not in SPIN_POLICIES:
+        raise RuntimeUserError(f"{SPIN_ENV}={value!r} is not one of: run, always (1), never (0)")
+    return SPIN_POLICIES[value]
 
 
 def session(path, providers: list[str], threads: int = 0, optimization: str = "all") -> ort.InferenceSession:
@@ -75,10 +85,14 @@ def session(path, providers: list[str], threads: int = 0, optimization: str = "a
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    # Idle onnxruntime threads spin-wait by default; on a small edge CPU they then steal the cores
-    # that numpy preprocessing and the other session (backbone vs pack) need between runs.
-    # A device whose cores serve nothing else can let them spin ($MMCL_EDGE_SERVE_SPIN=1): lower latency
-    # at batch 1 on an idle CPU, at the price of cores busy between requests.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning() else "0")
+    # Idle onnxruntime threads spin-wait by default, also between runs; on a small edge CPU they then
+    # steal the cores that numpy preprocessing, the next session (backbone, pack) and a learner need.
+    # Threads that sleep at once pay a wake-up at every operator instead (UTD-MHAD, 2 cores, batch 1:
+    # 7.8 ms end to end vs 6.6 with "run"), but a spinning thread that a learner preempts holds up
+    # the whole run (p99 beside a busy core: 11.3 vs 14.7 ms), so sleeping stays the default.
+    policy = spin_policy()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if policy == "never" else "1")
+    if policy == "run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     # bytes: a graph already read and checked (packs), so the file cannot change in between
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts, providers=providers)

@@ -254,19 +254,14 @@ class Runtime:
         pack = self._pack                       # the one pack this request uses, start to end
         t0 = time.perf_counter()
         batches, _ = self._as_batch(inputs, pack)
-        try:
-            pre = {m: self.backbones.preprocess(m, b) for m, b in batches.items()}
-        except (ValueError, TypeError, IndexError) as exc:
-            raise InputError(f"an input could not be preprocessed: {exc}") from None
         t1 = time.perf_counter()
-        taps: dict[str, np.ndarray] = {}
-        for m, x in pre.items():
-            taps.update(self.backbones.run(m, x))
-        batch = len(next(iter(pre.values())))
+        taps, preprocess_s = self.backbones.extract(batches)
+        t1 += preprocess_s  # preprocessing counts from the start, the backbone stage is the rest
+        batch = len(next(iter(batches.values())))
         for m in self.backbones.modalities:
-            if m not in pre:
+            if m not in batches:
                 taps.update(self.backbones.absent(m, batch))
-        present = np.array([[float(m in pre) for m in pack.modalities]], np.float32).repeat(batch, axis=0)
+        present = np.array([[float(m in batches) for m in pack.modalities]], np.float32).repeat(batch, axis=0)
         t2 = time.perf_counter()
         logits, _ = pack.run(taps, present)
         t3 = time.perf_counter()
@@ -284,7 +279,7 @@ class Runtime:
         unknown = None if threshold is None else novelty > threshold
         return Prediction([pack.label_names[i] for i in idx], idx, top, probs,
                           pack.version, {"preprocess": 1e3 * (t1 - t0), "backbone": 1e3 * (t2 - t1),
-                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}, list(pre),
+                                         "pack": 1e3 * (t3 - t2), "total": 1e3 * (t3 - t0)}, list(batches),
                           novelty, unknown)
 
     def predict_taps(self, taps: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
@@ -296,6 +291,7 @@ class Runtime:
         pack = self._pack
         return {"workspace": str(self.root), "providers": self.providers, "pack_providers": self.pack_providers,
                 "available_providers": prov.available(), "backbones": self.backbones.backends,
+                "lanes": self.backbones.lanes,
                 "pack": {"version": pack.version, "task": pack.manifest["task"], "folder": str(pack.folder),
                          "classes": pack.label_names},
                 "authenticated": self.authenticated, "workspace_id": self.policy.workspace_id,

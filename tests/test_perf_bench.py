@@ -180,14 +180,20 @@ def test_release_returns_freed_heap_to_the_system():
 
 def test_serve_spinning_is_off_unless_asked(synthetic_ws, monkeypatch):
     """Idle onnxruntime threads sleep by default (they would steal a small CPU's cores from a learner);
-    MMCL_EDGE_SERVE_SPIN=1 lets a device that only serves have the lower latency."""
+    MMCL_EDGE_SERVE_SPIN=run spins inside a run only, =1 (always) as onnxruntime does; a typo is an error."""
+    from mmcl_edge.runtime.errors import RuntimeUserError
     from mmcl_edge.runtime.providers import session
 
     backbone = sorted((synthetic_ws.root / "backbones").glob("*.onnx"))[0]
-    for value, expected in ((None, "0"), ("1", "1"), ("0", "0")):
+    for value, spin, stop in ((None, "0", ""), ("1", "1", ""), ("always", "1", ""), ("0", "0", ""),
+                              ("run", "1", "1")):
         if value is None:
             monkeypatch.delenv("MMCL_EDGE_SERVE_SPIN", raising=False)
         else:
             monkeypatch.setenv("MMCL_EDGE_SERVE_SPIN", value)
         opts = session(backbone, ["CPUExecutionProvider"]).get_session_options()
-        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == expected
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == spin
+        assert (opts.get_session_config_entry("session.force_spinning_stop") if stop else "") == stop
+    monkeypatch.setenv("MMCL_EDGE_SERVE_SPIN", "sometimes")
+    with pytest.raises(RuntimeUserError, match="MMCL_EDGE_SERVE_SPIN"):
+        session(backbone, ["CPUExecutionProvider"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcl_edge.runtime import InputError, PackRejected, Runtime
+from mmcl_edge.runtime import InputError, PackRejected, Runtime, RuntimeUserError
 from mmcl_edge.runtime.pack import pack_digest
 
 
@@ -108,6 +108,44 @@ def test_predict_single_sample_and_batch(synthetic_ws):
     assert set(many.timings_ms) == {"preprocess", "backbone", "pack", "total"}
     assert np.allclose(many.probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert many.labels == [rt.pack.label_names[i] for i in many.indices]
+
+
+def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
+    """Modalities side by side (each backbone on one thread, the second in a lane thread) give the
+    answers of the sequential runtime; a sample that cannot be preprocessed in a lane is an InputError
+    and the lanes keep serving; fixed session threads or MMCL_EDGE_SERVE_LANES=off mean no lanes."""
+    from mmcl_edge.runtime.backbones import lanes_pay
+
+    batch = sample_inputs(synthetic_ws)
+    monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "off")
+    one_after_another = Runtime(synthetic_ws.root, providers="cpu")
+    monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "on")
+    assert not Runtime(synthetic_ws.root, providers="cpu", threads=1).backbones.lanes
+    rt = Runtime(synthetic_ws.root, providers="cpu")
+    assert rt.backbones.lanes and not one_after_another.backbones.lanes and rt.info()["lanes"]
+    threads_seen = {}
+    for m, runner in rt.backbones._runners.items():  # the real sessions, run where they are called
+        def watched(x, m=m, runner=runner):
+            threads_seen[m] = threading.current_thread().name
+            return runner(x)
+        rt.backbones._runners[m] = watched
+    side_by_side = rt.predict(batch)
+    reference = one_after_another.predict(batch)
+    assert side_by_side.labels == reference.labels and side_by_side.modalities == reference.modalities
+    np.testing.assert_allclose(side_by_side.probabilities, reference.probabilities, atol=1e-5)
+    assert sorted(n.startswith("mmcl-lane") for n in threads_seen.values()) == [False, True]
+    assert sum(side_by_side.timings_ms[k] for k in ("preprocess", "backbone", "pack")) == pytest.approx(
+        side_by_side.timings_ms["total"], abs=1e-6)
+    last = list(batch)[-1]
+    with pytest.raises(InputError, match="could not be preprocessed"):
+        rt.predict({**batch, last: batch[last][:, :1]})
+    assert rt.predict(batch).labels == reference.labels
+    monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "sideways")
+    with pytest.raises(RuntimeUserError, match="MMCL_EDGE_SERVE_LANES"):
+        Runtime(synthetic_ws.root, providers="cpu")
+    # the rule "auto" applies to the backbones' one-thread times: AV-Digits' two like networks take
+    # lanes, UTD-MHAD's depth network (94% of the time) keeps every core
+    assert lanes_pay([1.33, 1.32]) and not lanes_pay([8.3, 0.09, 0.43]) and not lanes_pay([1.0])
 
 
 def test_predict_rejects_bad_inputs_in_plain_words(synthetic_ws):
