@@ -161,3 +161,20 @@ def test_running_sum_is_cumsum_bit_for_bit(shape):
     x = (np.random.default_rng(sum(shape)).random(shape, dtype=np.float32) * 1000).astype(np.float32)
     assert np.array_equal(running_sum(x), np.cumsum(x, axis=0))
     assert running_sum(x[:0]).shape == x[:0].shape
+
+
+@pytest.mark.parametrize("length", [1, 7, 129, 300, 8000, 8257])
+def test_stft_power_is_the_windowed_fft_of_every_hop(length):
+    """The strided frames give, bit for bit, the power of the Hann-windowed FFT of each frame taken
+    one by one from the centre-padded signal."""
+    from mmcl_edge.preprocess import stft_power
+
+    n_fft, hop = 256, 64
+    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    padded = np.pad(x, n_fft // 2, mode="reflect" if length > n_fft // 2 else "constant")
+    window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
+    starts = range(0, len(padded) - n_fft + 1, hop)
+    expected = np.stack([np.abs(np.fft.rfft(padded[s:s + n_fft] * window)) ** 2 for s in starts], axis=1)
+    got = stft_power(x, n_fft, hop)
+    assert got.shape == expected.shape == (n_fft // 2 + 1, 1 + (len(padded) - n_fft) // hop)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
