@@ -137,43 +137,41 @@ class BackboneSet:
         outs = self._runners[modality](batch)
         return {f"{modality}__{t['name']}": o for t, o in zip(self.index[modality]["taps"], outs)}
 
-    def _lane(self, modality: str, samples) -> tuple[dict[str, np.ndarray], float]:
-        t0 = time.perf_counter()
+    def _preprocessed(self, modality: str, samples) -> np.ndarray:
         try:
-            x = self.preprocess(modality, samples)
+            return self.preprocess(modality, samples)
         except (ValueError, TypeError, IndexError) as exc:
             raise InputError(f"an input could not be preprocessed: {exc}") from None
-        seconds = time.perf_counter() - t0
-        return self.run(modality, x), seconds
 
     def extract(self, batches: dict[str, list]) -> tuple[dict[str, np.ndarray], float]:
-        """Raw samples per modality -> their taps, in lanes or one modality after another; also the
-        seconds of preprocessing on the way (in lanes: the longest lane's)."""
+        """Raw samples per modality -> their taps, and the seconds spent preprocessing them.
+
+        Preprocessing (numpy, mostly holding the GIL) stays in the calling thread; in lanes each
+        backbone but the last is handed to a lane thread as soon as its input is ready, so it runs
+        while the next modality is preprocessed, and the last runs in the calling thread."""
+        taps: dict[str, np.ndarray] = {}
         items = list(batches.items())
-        if not self.lanes or len(items) < 2:
-            taps, seconds = {}, 0.0
-            for m, samples in items:
-                out, s = self._lane(m, samples)
-                taps.update(out)
-                seconds += s
-            return taps, seconds
-        futures = [self._lane_pool.submit(self._lane, m, samples) for m, samples in items[1:]]
-        results, error = [], None
+        lanes = self.lanes and len(items) > 1
+        futures, seconds, error = [], 0.0, None
         try:
-            results.append(self._lane(*items[0]))
-        except Exception as exc:  # the other lanes still finish before the error is raised
+            for i, (m, samples) in enumerate(items):
+                t0 = time.perf_counter()
+                x = self._preprocessed(m, samples)
+                seconds += time.perf_counter() - t0
+                if lanes and i < len(items) - 1:
+                    futures.append(self._lane_pool.submit(self.run, m, x))
+                else:
+                    taps.update(self.run(m, x))
+        except Exception as exc:  # the lanes already started still finish before the error is raised
             error = exc
         for future in futures:
             try:
-                results.append(future.result())
+                taps.update(future.result())
             except Exception as exc:
                 error = error or exc
         if error is not None:
             raise error
-        taps = {}
-        for out, _ in results:
-            taps.update(out)
-        return taps, max(s for _, s in results)
+        return taps, seconds
 
 
 class _OrtRunner:

@@ -111,7 +111,7 @@ def test_predict_single_sample_and_batch(synthetic_ws):
 
 
 def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
-    """Modalities side by side (each backbone on one thread, the second in a lane thread) give the
+    """Modalities side by side (each backbone on one thread, all but the last in lane threads) give the
     answers of the sequential runtime; a sample that cannot be preprocessed in a lane is an InputError
     and the lanes keep serving; fixed session threads or MMCL_EDGE_SERVE_LANES=off mean no lanes."""
     from mmcl_edge.runtime.backbones import lanes_pay
