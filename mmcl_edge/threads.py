@@ -16,7 +16,8 @@ other processes. The policy here, the default:
   core) with spinning off (``runtime/providers.py``): an idle pool thread sleeps and leaves its
   core to the learner, a request still gets every core the learner does not hold. Measured on 2
   cores (``bench learn --while-serving``), this served faster alone and beside the learner than
-  one runtime thread did, and kept both sides within 2x of their time alone;
+  one runtime thread did, and kept both sides within 2x of their time alone. Backbones of like
+  cost run side by side instead, one thread each (lanes, ``runtime/backbones.py``);
 * both: numpy's OpenBLAS gets one thread (``OPENBLAS_NUM_THREADS=1``, set with the OpenMP policy:
   its idle workers busy-wait too, and the preprocessing's matrices are tiny).
 
