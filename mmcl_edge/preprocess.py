@@ -114,7 +114,7 @@ def resize_2d(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of the last two axes."""
     rows = _interp_matrix(x.shape[-2], height)
     cols = _interp_matrix(x.shape[-1], width)
-    return (rows @ x.astype(np.float32) @ cols.T).astype(np.float32)
+    return (rows @ np.asarray(x, dtype=np.float32) @ cols.T).astype(np.float32, copy=False)
 
 
 def _to_backbone_image(gray01: np.ndarray, size: int) -> np.ndarray:
@@ -264,12 +264,17 @@ def running_sum(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: how much changed since the previous frame, and all change so far (a running
-    depth-motion map), each scaled over the clip to [0, 1]."""
+def _with_motion(frames: np.ndarray) -> np.ndarray:
+    """``[F, S, S]`` -> ``[F, 3, S, S]``: each frame, how much changed since the previous frame, and
+    all change so far (a running depth-motion map), the last two scaled over the clip to [0, 1]
+    (written in place into one array: no stacked copies)."""
+    out = np.empty((frames.shape[0], 3, *frames.shape[1:]), np.float32)
+    out[:, 0] = frames
     diff = np.abs(np.diff(frames, axis=0, prepend=frames[:1]))
     history = running_sum(diff)
-    return diff / max(float(diff.max()), 1e-6), history / max(float(history.max()), 1e-6)
+    np.divide(diff, max(float(diff.max()), 1e-6), out=out[:, 1])
+    np.divide(history, max(float(history.max()), 1e-6), out=out[:, 2])
+    return out
 
 
 def video(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -298,17 +303,26 @@ def video(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         frames = resize_2d(x, size, size)
     else:
         valid = x > 0
-        if valid.any():
-            lo, hi = float(x[valid].min()), float(x[valid].max())
-            scaled = 0.2 + 0.8 * (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
-            x = np.where(valid, scaled, 0.0).astype(np.float32)
+        if valid.any():  # in place, the same operations in the same order as 0.2 + 0.8 * (x - lo) / (hi - lo)
+            lo = float(np.min(x, where=valid, initial=np.inf))
+            hi = float(np.max(x, where=valid, initial=-np.inf))
+            if hi > lo:
+                x -= lo
+                x *= 0.8
+                x /= hi - lo
+                x += 0.2
+            else:
+                x[:] = 1.0
+            x[~valid] = 0.0
         frames = resize_2d(x, size, size)
-        frames = (np.stack([frames, *_motion(frames)], axis=1) if spec.encoding == "cnn"
-                  else frames[:, None].repeat(3, axis=1))
+        frames = _with_motion(frames) if spec.encoding == "cnn" else frames[:, None].repeat(3, axis=1)
     if spec.encoding == "raw":
         frames = frames[:, 0]
         return ((frames - frames.mean()) / (frames.std() + 1e-6)).astype(np.float32)
-    return ((np.clip(frames, 0.0, 1.0) - _MEAN) / _STD).astype(np.float32)
+    np.clip(frames, 0.0, 1.0, out=frames)
+    frames -= _MEAN
+    frames /= _STD
+    return frames
 
 
 def vector(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -178,3 +178,29 @@ def test_stft_power_is_the_windowed_fft_of_every_hop(length):
     got = stft_power(x, n_fft, hop)
     assert got.shape == expected.shape == (n_fft // 2 + 1, 1 + (len(padded) - n_fft) // hop)
     np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def test_depth_clip_scaling_in_place_is_the_formula_bit_for_bit():
+    """Readings scaled into [0.2, 1] over the clip's valid range, holes (0, negative, NaN) at 0 and
+    the motion channels from those frames: the in-place arithmetic gives exactly the written formula."""
+    from mmcl_edge.preprocess import _MEAN, _STD, running_sum, video
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4000, (12, 40, 50)).astype(np.float32)
+    x[x < 900] = 0
+    x[0, 0, :4] = np.nan
+    x[1, 1, :4] = -5
+    spec = PreprocessSpec(kind="video", frames=12, image_size=32)
+    valid = x > 0
+    lo, hi = float(x[valid].min()), float(x[valid].max())
+    scaled = np.where(valid, 0.2 + 0.8 * (x - lo) / (hi - lo), 0.0).astype(np.float32)
+    frames = resize_2d(scaled, 32, 32)
+    diff = np.abs(np.diff(frames, axis=0, prepend=frames[:1]))
+    history = running_sum(diff)
+    channels = np.stack([frames, diff / max(float(diff.max()), 1e-6), history / max(float(history.max()), 1e-6)], axis=1)
+    expected = ((np.clip(channels, 0.0, 1.0) - _MEAN) / _STD).astype(np.float32)
+    before = x.copy()
+    got = video(x, spec)
+    assert got.dtype == np.float32 and got.shape == (12, 3, 32, 32)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(x, before)  # the caller's clip is not changed in place
