@@ -19,21 +19,24 @@ from mmcl_edge.threads import cpu_count, serve_threads
 INDEX_FILE = "backbones.json"
 
 # Lanes: on a CPU with several cores, backbones of like cost run faster side by side, each on one
-# thread (the request's own and a pool thread, preprocessing included), than one after the other on
-# every core: no thread pool wakes or spins between operators, and one modality's numpy
-# preprocessing overlaps another's backbone (AV-Digits, 2 cores, batch 1: 2.6 vs 4.0 ms end to end;
-# beside a busy core p99 4.7 vs 5.9 ms; 4 request threads: 433 vs 403 requests/s). A backbone that
-# outweighs the rest would lose the cores it splits its work over (UTD-MHAD's depth network, 94% of
-# the time: 10.0 vs 7.8 ms), so "auto" takes lanes only when the slowest backbone, timed once at load
-# on one thread, takes at most LANE_BALANCE of the total.
+# thread (lane threads and, last, the request's own), than one after the other on every core: no
+# thread pool wakes or spins between operators, and the next modality's numpy preprocessing overlaps
+# the running backbones (AV-Digits, 2 cores, batch 1: 2.5 vs 4.0 ms end to end; beside a busy core
+# p99 4.7 vs 5.9 ms; 4 request threads: 433 vs 403 requests/s). A backbone that outweighs the rest
+# would lose the cores it splits its work over (UTD-MHAD's depth network, 94% of the time, alone on
+# one thread: 10.0 vs 7.8 ms), so when the slowest backbone, timed once at load on one thread, takes
+# more than LANE_BALANCE of the total it keeps every core and runs last, in the request's thread,
+# while the others run in lanes beside its preprocessing (UTD-MHAD: 7.2 vs 7.7 ms).
 LANES_ENV = "MMCL_EDGE_SERVE_LANES"
 LANE_SETTINGS = ("auto", "on", "off")
 LANE_BALANCE = 0.6
 
 
-def lanes_pay(seconds: list[float]) -> bool:
-    """Whether backbones taking ``seconds`` each (on one thread) are balanced enough for lanes."""
-    return len(seconds) > 1 and max(seconds) <= LANE_BALANCE * sum(seconds)
+def heavy_backbone(seconds: dict[str, float]) -> str | None:
+    """The backbone that keeps every core (timed on one thread: ``seconds``), or None when they are
+    balanced enough to run each on one thread."""
+    slowest = max(seconds, key=seconds.get)
+    return slowest if seconds[slowest] > LANE_BALANCE * sum(seconds.values()) else None
 
 
 def lanes_setting() -> str:
@@ -72,16 +75,24 @@ class BackboneSet:
         # lanes are for CPU sessions whose threads nobody fixed: a GPU queues the work anyway
         self.lanes = (setting != "off" and len(self.index) > 1 and cpu_count() > 1 and not engines
                       and not serve_threads(threads) and prov.choose(providers)[0] == "CPUExecutionProvider")
+        self.heavy: str | None = None  # in lanes, the backbone that keeps every core and runs last
         if self.lanes:
             self._runners = {m: self._ort_runner(m, providers, 1) for m in self.index}
-            self.lanes = setting == "on" or self._balanced()
+            seconds = self._one_thread_seconds() if setting == "auto" else None
+            if seconds:
+                self.heavy = heavy_backbone(seconds)
+                if self.heavy is not None:
+                    self._runners[self.heavy] = self._ort_runner(self.heavy, providers, threads)
+            else:
+                self.lanes = setting == "on"
         for m in self.index:
             if m in engines:
                 self._runners[m], self.backends[m] = engines[m], "tensorrt-engine"
             elif not self.lanes:
                 self._runners[m] = self._ort_runner(m, providers, threads)
-        self._lane_pool = (ThreadPoolExecutor(len(self.index) - 1, thread_name_prefix="mmcl-lane")
-                           if self.lanes else None)
+        # the request's thread is one lane; more lane threads than the other cores would only queue
+        lane_threads = min(len(self.index), cpu_count()) - 1
+        self._lane_pool = ThreadPoolExecutor(lane_threads, thread_name_prefix="mmcl-lane") if self.lanes else None
 
     def _ort_runner(self, modality: str, providers: list[str], threads: int) -> "_OrtRunner":
         e = self.index[modality]
@@ -89,14 +100,14 @@ class BackboneSet:
         self.backends[modality] = "onnxruntime:" + sess.get_providers()[0]
         return _OrtRunner(sess, e["input"], [t["name"] for t in e["taps"]])
 
-    def _balanced(self) -> bool:
-        """``lanes_pay`` for the backbones timed on one thread at batch 1 (best of 3 after a warm-up
-        run); False when an input shape is not fixed."""
-        seconds = []
+    def _one_thread_seconds(self) -> dict[str, float] | None:
+        """Each backbone's time on one thread at batch 1 (best of 3 after a warm-up run); None when
+        an input shape is not fixed."""
+        seconds = {}
         for m, e in self.index.items():
             shape = e.get("input_shape") or []
             if not all(isinstance(d, int) and d > 0 for d in shape):
-                return False
+                return None
             x = np.zeros((1, *shape), np.float32)
             best = float("inf")
             for i in range(4):
@@ -104,8 +115,8 @@ class BackboneSet:
                 self._runners[m](x)
                 if i:
                     best = min(best, time.perf_counter() - t0)
-            seconds.append(best)
-        return lanes_pay(seconds)
+            seconds[m] = best
+        return seconds
 
     def _spec(self, modality: str, entry: dict) -> PreprocessSpec:
         """The exported preprocessing; a text modality tokenises with the tokenizer exported beside its
@@ -148,9 +159,10 @@ class BackboneSet:
 
         Preprocessing (numpy, mostly holding the GIL) stays in the calling thread; in lanes each
         backbone but the last is handed to a lane thread as soon as its input is ready, so it runs
-        while the next modality is preprocessed, and the last runs in the calling thread."""
+        while the next modality is preprocessed, and the last (the heavy one, if any) runs in the
+        calling thread."""
         taps: dict[str, np.ndarray] = {}
-        items = list(batches.items())
+        items = sorted(batches.items(), key=lambda item: item[0] == self.heavy)
         lanes = self.lanes and len(items) > 1
         futures, seconds, error = [], 0.0, None
         try:

@@ -114,7 +114,7 @@ def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
     """Modalities side by side (each backbone on one thread, all but the last in lane threads) give the
     answers of the sequential runtime; a sample that cannot be preprocessed in a lane is an InputError
     and the lanes keep serving; fixed session threads or MMCL_EDGE_SERVE_LANES=off mean no lanes."""
-    from mmcl_edge.runtime.backbones import lanes_pay
+    from mmcl_edge.runtime.backbones import heavy_backbone
 
     batch = sample_inputs(synthetic_ws)
     monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "off")
@@ -140,12 +140,17 @@ def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
     with pytest.raises(InputError, match="could not be preprocessed"):
         rt.predict({**batch, last: batch[last][:, :1]})
     assert rt.predict(batch).labels == reference.labels
+    rt.backbones.heavy = last  # a heavy backbone runs in the request's own thread, after the lanes
+    threads_seen.clear()
+    assert rt.predict({m: batch[m] for m in reversed(batch)}).labels == reference.labels
+    assert not threads_seen[last].startswith("mmcl-lane") and threads_seen[list(batch)[0]].startswith("mmcl-lane")
     monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "sideways")
     with pytest.raises(RuntimeUserError, match="MMCL_EDGE_SERVE_LANES"):
         Runtime(synthetic_ws.root, providers="cpu")
-    # the rule "auto" applies to the backbones' one-thread times: AV-Digits' two like networks take
-    # lanes, UTD-MHAD's depth network (94% of the time) keeps every core
-    assert lanes_pay([1.33, 1.32]) and not lanes_pay([8.3, 0.09, 0.43]) and not lanes_pay([1.0])
+    # the rule "auto" applies to the backbones' one-thread times: AV-Digits' two like networks each
+    # take one thread, UTD-MHAD's depth network (94% of the time) keeps every core
+    assert heavy_backbone({"audio": 1.33, "image": 1.32}) is None
+    assert heavy_backbone({"imu": 0.09, "skeleton": 0.43, "depth": 8.3}) == "depth"
 
 
 def test_predict_rejects_bad_inputs_in_plain_words(synthetic_ws):
