@@ -465,13 +465,17 @@ def bench_swap(
     baseline_seconds: float = typer.Option(5.0, min=0.5, help="Requests with no swap first, as the reference."),
     provider: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (default: best available)."),
     session_threads: int = typer.Option(0, help="Threads per onnxruntime session (0: the runtime's default)."),
+    swap_nice: Optional[int] = typer.Option(None, min=-20, max=19, help="Niceness change of the thread that "
+                                            "loads packs (positive: swaps yield to requests; negative needs "
+                                            "CAP_SYS_NICE). Default: $MMCL_EDGE_SWAP_NICE, else 0."),
     out_file: Path = typer.Option(Path("bench-swap.json"), "--out", help="Where the JSON result goes."),
 ):
     """Hot swaps under load: swap time (validate + warm + switch) and request latency with and
     without swaps, failed requests. Needs a workspace with at least two packs.
 
     JSON: swap_ms, swap_parts_ms.{verify, session, warmup, switch}, request_ms.{baseline, swapping},
-    request_p99_ratio, requests, failed_requests, answers_from_other_packs, swaps_done, swaps_rejected.
+    request_p99_ratio, requests, failed_requests, answers_from_other_packs, swaps_done, swaps_rejected,
+    swap_nice.
     """
     from mmcl_edge.cli.progress import progress_bar
     from mmcl_edge.runtime import Runtime
@@ -481,7 +485,7 @@ def bench_swap(
     root = resolve_root(workspace)
     if not (root / "workspace.json").is_file():
         raise WorkspaceError(f"{root} is not a workspace (no workspace.json); create one with 'mmcl-edge learn'")
-    rt = Runtime(root, providers=provider, threads=session_threads)
+    rt = Runtime(root, providers=provider, threads=session_threads, swap_nice=swap_nice)
     packs = servable_packs(rt)
     if len(packs) < 2:
         raise WorkspaceError(f"{root} has {len(packs)} pack(s) for its backbones; swapping needs two "
@@ -493,7 +497,7 @@ def bench_swap(
         result = measure_swaps(rt, packs, inputs, swaps, threads, baseline_seconds,
                                progress=lambda done, total: bar.advance())
     result.update({"workspace": str(root), "packs": [p.name for p in packs], "providers": rt.providers,
-                   "inputs": "test sample" if samples is not None else "random"})
+                   "inputs": "test sample" if samples is not None else "random", "swap_nice": rt.swap_nice})
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     t = Table(title=f"Hot swap under {threads} request threads")

@@ -153,6 +153,36 @@ def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
     assert heavy_backbone({"imu": 0.09, "skeleton": 0.43, "depth": 8.3}) == "depth"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux only")
+def test_swap_nice_loads_packs_in_a_thread_of_that_niceness(synthetic_ws, monkeypatch):
+    """swap_nice: packs are validated, built and warmed in one loader thread whose niceness is moved
+    by that much (requests keep theirs); 0 loads in the caller's thread; a bad env value is an error."""
+    import os
+
+    import mmcl_edge.runtime.service as service
+
+    where = []
+    real_load_pack = service.load_pack
+
+    def recording_load_pack(*args, **kwargs):
+        where.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real_load_pack(*args, **kwargs)
+
+    monkeypatch.setattr(service, "load_pack", recording_load_pack)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    rt = Runtime(synthetic_ws.root, providers="cpu", swap_nice=3)
+    first = packs_of(synthetic_ws)[0]
+    assert rt.swap(first).version == 0 and rt.predict(sample_inputs(synthetic_ws)).pack_version == 0
+    assert len(where) == 2 and all(name.startswith("mmcl-pack-loader") and nice == mine + 3 for name, nice in where)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller's is untouched
+    where.clear()
+    Runtime(synthetic_ws.root, providers="cpu", swap_nice=0).swap(first)
+    assert [name for name, _ in where] == [threading.current_thread().name] * 2
+    monkeypatch.setenv("MMCL_EDGE_SWAP_NICE", "low")
+    with pytest.raises(RuntimeUserError, match="MMCL_EDGE_SWAP_NICE"):
+        Runtime(synthetic_ws.root, providers="cpu")
+
+
 def test_predict_rejects_bad_inputs_in_plain_words(synthetic_ws):
     rt = Runtime(synthetic_ws.root, providers="cpu")
     batch = sample_inputs(synthetic_ws)
