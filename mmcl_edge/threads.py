@@ -25,7 +25,10 @@ Knobs (environment, read when the policy is applied; the config key wins for the
 
 * ``train.threads`` (``--set train.threads=N``) or ``MMCL_EDGE_LEARN_THREADS``: PyTorch threads;
 * ``MMCL_EDGE_SERVE_THREADS``: onnxruntime intra-op threads where none are given
-  (``Runtime(threads=0)``; unset: onnxruntime's default);
+  (``Runtime(threads=0)``; unset: onnxruntime's default; set, no lanes);
+* ``MMCL_EDGE_SERVE_LANES`` (auto/on/off, ``runtime/backbones.py``), ``MMCL_EDGE_SERVE_SPIN``
+  (never/run/always, ``runtime/providers.py``) and ``MMCL_EDGE_SWAP_NICE`` (``runtime/service.py``):
+  how the runtime spreads a request over the cores, how its idle threads wait, who yields in a swap;
 * ``MMCL_EDGE_THREAD_POLICY=off``: library defaults everywhere (what ``bench learn
   --thread-policy off`` measures); an ``OMP_WAIT_POLICY`` / ``KMP_BLOCKTIME`` /
   ``OPENBLAS_NUM_THREADS`` you set yourself is always kept.
