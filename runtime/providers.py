@@ -89,7 +89,7 @@ def session(path, providers: list[str], threads: int = 0, optimization: str = "a
     # steal the cores that numpy preprocessing, the next session (backbone, pack) and a learner need.
     # Threads that sleep at once pay a wake-up at every operator instead (UTD-MHAD, 2 cores, batch 1:
     # 7.8 ms end to end vs 6.6 with "run"), but a spinning thread that a learner preempts holds up
-    # the whole run (p99 beside a busy core: 11.3 vs 14.7 ms), so sleeping stays the default.
+    # the whole run (p99 beside a learner: 11.2 vs 29.0 ms), so sleeping stays the default.
     policy = spin_policy()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if policy == "never" else "1")
     if policy == "run":

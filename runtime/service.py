@@ -36,10 +36,10 @@ PACK_THREADS = 1
 # A swap is ~9 ms of CPU (verify, session, warm-up). Under request threads that keep the cores busy
 # it competes with them at the same priority: requests slow down while it runs, and it takes twice
 # its CPU time or more. A niceness for the thread that loads packs picks the side: positive, swaps
-# yield to requests (AV-Digits, 4 request threads: nice 10, request p99 during swaps 21.2 vs 26.1 ms,
-# swaps 31 / 81 ms p50 / p99 vs 19 / 32); negative (needs CAP_SYS_NICE), swaps finish first (nice
-# -10: 12.0 / 20.2 ms, requests 33.5 ms p99 meanwhile). Linux only: elsewhere a thread has no
-# priority of its own.
+# yield to requests (AV-Digits, 4 request threads, 1,000 swaps: nice 10, request p99 during swaps
+# 21.2 vs 25.9 ms, swaps 35 / 84 ms p50 / p99 vs 21 / 36); negative (needs CAP_SYS_NICE), swaps
+# finish first (nice -10: 12.4 / 23.5 ms, requests 33.8 ms p99 meanwhile). Linux only: elsewhere a
+# thread has no priority of its own.
 SWAP_NICE_ENV = "MMCL_EDGE_SWAP_NICE"
 
 
