@@ -71,6 +71,17 @@ def _env_int(name: str) -> int:
         return 0
 
 
+def env_choice(name: str, choices: dict[str, str], default: str) -> str:
+    """A knob that takes one of a few words: ``choices`` maps each accepted spelling to its meaning;
+    anything else is a RuntimeUserError naming the variable and what it accepts."""
+    from mmcl_edge.errors import RuntimeUserError
+
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise RuntimeUserError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+    return choices[value]
+
+
 def learn_threads(configured: int = 0) -> int:
     """PyTorch threads for the learner: ``train.threads``, else the env knob, else half the cores
     (1..8); 0 = leave PyTorch's default (the policy is off and nothing was asked for)."""

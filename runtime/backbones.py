@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ from mmcl_edge.preprocess import PreprocessSpec, preprocess_batch
 from mmcl_edge.runtime import providers as prov
 from mmcl_edge.runtime.errors import InputError, RuntimeUserError
 from mmcl_edge.runtime.pack import sha256_file
-from mmcl_edge.threads import cpu_count, serve_threads
+from mmcl_edge.threads import cpu_count, env_choice, serve_threads
 
 INDEX_FILE = "backbones.json"
 
@@ -28,7 +27,7 @@ INDEX_FILE = "backbones.json"
 # more than LANE_BALANCE of the total it keeps every core and runs last, in the request's thread,
 # while the others run in lanes beside its preprocessing (UTD-MHAD: 7.2 vs 7.7 ms).
 LANES_ENV = "MMCL_EDGE_SERVE_LANES"
-LANE_SETTINGS = ("auto", "on", "off")
+LANE_SETTINGS = {"auto": "auto", "on": "on", "off": "off"}
 LANE_BALANCE = 0.6
 
 
@@ -40,10 +39,7 @@ def heavy_backbone(seconds: dict[str, float]) -> str | None:
 
 
 def lanes_setting() -> str:
-    value = os.environ.get(LANES_ENV, "auto").strip().lower()
-    if value not in LANE_SETTINGS:
-        raise RuntimeUserError(f"{LANES_ENV}={value!r} is not one of: {', '.join(LANE_SETTINGS)}")
-    return value
+    return env_choice(LANES_ENV, LANE_SETTINGS, "auto")
 
 
 class BackboneSet:

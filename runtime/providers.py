@@ -1,14 +1,13 @@
 """Execution providers: the best one onnxruntime offers here (TensorRT > CUDA > CPU), or the user's."""
 from __future__ import annotations
 
-import os
 
 import functools
 
 import onnxruntime as ort
 
 from mmcl_edge.runtime.errors import RuntimeUserError
-from mmcl_edge.threads import serve_threads
+from mmcl_edge.threads import env_choice, serve_threads
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -61,17 +60,14 @@ def choose(requested: list[str] | str | None = None) -> list[str]:
 
 
 SPIN_ENV = "MMCL_EDGE_SERVE_SPIN"
-SPIN_POLICIES = {"run": "run", "always": "always", "1": "always", "never": "never", "0": "never"}
+SPIN_POLICIES = {"never": "never", "0": "never", "run": "run", "always": "always", "1": "always"}
 
 
 def spin_policy() -> str:
     """How idle onnxruntime threads wait ($MMCL_EDGE_SERVE_SPIN): "never" (or 0, the default): sleep
     at once, even between the operators of one run; "run": spin while a run is going and sleep as
     soon as it returns; "always" (or 1): onnxruntime's default, spin between runs too."""
-    value = os.environ.get(SPIN_ENV, "never").strip().lower()
-    if value not in SPIN_POLICIES:
-        raise RuntimeUserError(f"{SPIN_ENV}={value!r} is not one of: run, always (1), never (0)")
-    return SPIN_POLICIES[value]
+    return env_choice(SPIN_ENV, SPIN_POLICIES, "never")
 
 
 def session(path, providers: list[str], threads: int = 0, optimization: str = "all") -> ort.InferenceSession:
