@@ -26,6 +26,7 @@ from mmcl_edge.runtime.backbones import BackboneSet
 from mmcl_edge.runtime.errors import InputError, PackRejected, RuntimeUserError
 from mmcl_edge.runtime.pack import Pack, PackPolicy, load_pack
 from mmcl_edge.runtime.validation import SAMPLE_NDIM, Limits  # noqa: F401  (SAMPLE_NDIM: kept importable here)
+from mmcl_edge.threads import limit_blas
 
 
 # A pack's operators are too small to split across threads: waking a second thread for each costs
@@ -99,6 +100,7 @@ class Runtime:
                  allowed_ops=PackPolicy.allowed_ops, pack_providers: list[str] | str | None = "cpu",
                  swap_nice: int | None = None):
         self.root = layout.resolve_root(workspace)
+        self.blas_limited = limit_blas()  # numpy's BLAS on one thread, as the CLI sets it (mmcl_edge/threads.py)
         self.providers = prov.choose(providers)
         # A pack is ~170 tiny operators: on a GPU it is bound by kernel launches (H200: 1.0-1.75 ms
         # on CUDA vs 0.3 ms on its host CPU, benchmarks/README.md), so it runs on the CPU unless asked.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import os
 import sys
 import threading
 import time
@@ -151,6 +152,42 @@ def test_lanes_answer_as_one_modality_after_another(synthetic_ws, monkeypatch):
     # take one thread, UTD-MHAD's depth network (94% of the time) keeps every core
     assert heavy_backbone({"audio": 1.33, "image": 1.32}) is None
     assert heavy_backbone({"imu": 0.09, "skeleton": 0.43, "depth": 8.3}) == "depth"
+
+
+_BLAS_CHILD = """
+import json, sys
+import numpy as np  # loaded first, as in any program that embeds the runtime: the env var is too late now
+from threadpoolctl import threadpool_info
+from mmcl_edge.runtime import Runtime
+blas = lambda: sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+before = blas()
+rt = Runtime(sys.argv[1], providers="cpu")
+print(json.dumps({"before": before, "after": blas(), "limited": rt.blas_limited}))
+"""
+
+
+def test_runtime_keeps_numpy_blas_on_one_thread_unless_told(synthetic_ws, tmp_path):
+    """A Runtime made from Python sets numpy's BLAS to one thread for its process (the CLI does it
+    through the environment); a user's OPENBLAS_NUM_THREADS or MMCL_EDGE_THREAD_POLICY=off keeps it."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS", "MKL_NUM_THREADS",
+        "MMCL_EDGE_THREAD_ENV_SET", "MMCL_EDGE_THREAD_POLICY")}
+
+    def child(**extra):
+        r = subprocess.run([sys.executable, "-c", _BLAS_CHILD, str(synthetic_ws.root)], env={**env, **extra},
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    default = child()
+    assert default["limited"] and default["after"] == [1] and default["before"]
+    for extra in ({"OPENBLAS_NUM_THREADS": "2"}, {"MMCL_EDGE_THREAD_POLICY": "off"}):
+        kept = child(**extra)
+        assert not kept["limited"] and kept["after"] == kept["before"], (extra, kept)
+    assert child(MMCL_EDGE_THREAD_POLICY="off")["before"] == default["before"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux only")
