@@ -281,3 +281,26 @@ def test_pack_ops_are_within_the_allow_list(synthetic_ws):
         ops = check_graph_bytes((p / "pack.onnx").read_bytes())
         assert ops <= ALLOWED_OPS and "Loop" not in ops
         check_graph_file(p / "pack.onnx")
+
+
+def test_graph_check_refuses_damaged_bytes_in_plain_words(synthetic_ws):
+    """Any truncation or byte flip of a real pack graph is either still a graph the check reads
+    (then its operators are reported) or a PackRejected; never another exception."""
+    from mmcl_edge.runtime.graph_check import check_graph_bytes
+
+    data = (sorted((synthetic_ws.root / "packs").glob("v*"))[-1] / "pack.onnx").read_bytes()
+    rng = np.random.default_rng(0)
+    rejected = 0
+    cuts = list(range(1, 64)) + list(rng.integers(64, len(data), 200))
+    flips = []
+    for _ in range(300):
+        damaged = bytearray(data)
+        for at in rng.integers(0, len(data), 3):
+            damaged[at] = int(rng.integers(0, 256))
+        flips.append(bytes(damaged))
+    for bad in [data[:int(c)] for c in cuts] + flips:
+        try:
+            check_graph_bytes(bad)
+        except PackRejected:
+            rejected += 1
+    assert rejected >= len(cuts) // 2  # most cuts leave no whole graph
