@@ -101,6 +101,10 @@ def test_bench_latency_json_keys_and_consistency(synthetic_ws, tmp_path):
     assert set(e["runtime_session_backbone_ms"]) == set(e["bare_backbone_ms"])
     assert e["runtime_session_backbones_p50_ms"] == pytest.approx(
         sum(p["p50"] for p in e["runtime_session_backbone_ms"].values()))
+    assert set(e["bare_no_spin_backbone_ms"]) == set(e["bare_backbone_ms"])  # issue #19's own reference
+    assert e["total_over_bare_no_spin_backbones"] == pytest.approx(
+        e["end_to_end_ms"]["p50"] / sum(p["p50"] for p in e["bare_no_spin_backbone_ms"].values()))
+    assert "spinning off" in d["bare_no_spin"]
     assert e["p99_over_p50"]["total"] == pytest.approx(st["total"]["p99"] / st["total"]["p50"])
     # a request = preprocessing + time inside onnxruntime + the runtime's Python: means add up
     assert e["python_overhead_ms"]["mean"] == pytest.approx(
