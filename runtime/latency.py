@@ -200,6 +200,8 @@ def measure_bare_backbones(rt: Runtime, inputs: dict, repeats: int = 50, warmup:
                            sessions: str = "plain") -> dict[str, dict]:
     """Each backbone alone on already-preprocessed input (ms): the floor end to end is held to, in
     the ``sessions`` of BARE_SESSIONS."""
+    if sessions not in BARE_SESSIONS:
+        raise ValueError(f"sessions must be one of {BARE_SESSIONS}, got {sessions!r}")
     out = {}
     for m in rt.backbones.modalities:
         if m not in inputs:
