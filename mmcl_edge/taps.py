@@ -18,7 +18,8 @@ import torch
 
 from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
 from mmcl_edge.preprocess import PreprocessSpec, preprocess, preprocess_batch
-from mmcl_edge.runtime import layout
+from mmcl_edge import text
+from mmcl_edge.runtime import layout, memory
 from mmcl_edge.text import as_text
 
 # (kind, encoding) -> the frozen backbone used unless modalities.json names another ("backbone")
@@ -52,6 +53,36 @@ def backbone_for(spec: PreprocessSpec, example: np.ndarray | None, name: str | N
 
 _KEY_BYTES = 20  # a sha1 digest
 EXTRACT_BATCH_ELEMENTS = 8 * 3 * 96 * 96  # input elements per forward pass during tap extraction
+# A text encoder's attention grows with the square of the batch's length: batch x tokens^2 is held to
+# 8 texts of 256 tokens per forward pass (clothing-cil, 64 texts a batch: learn's peak 977-1,211 MB
+# a task, the attention of the longest reviews; short texts still go 64 at a time)
+EXTRACT_BATCH_TOKENS_SQUARED = 8 * 256 * 256
+
+
+def extraction_batches(samples: list, spec: PreprocessSpec, input_shape, batch_size: int = 64):
+    """``(count, preprocessed batch)`` for each forward pass of tap extraction, in order.
+
+    The activations of a pass are the learner's peak, so a pass holds about 8 images' worth of
+    input elements (AV images: +290 MB at 64, +109 MB at 16, +74 MB at 8; 320 images in 2.5 s at
+    16, 2.9 s at 8, 4.1 s at 4 on 2 cores); tokenised texts are tokenised at once, then cut into
+    passes of at most EXTRACT_BATCH_TOKENS_SQUARED (batch x its longest text's tokens squared)."""
+    if spec.kind == "text" and spec.encoding == "tokens":
+        memory.map_large_allocations()  # each pass's shapes differ: activations in their own mappings
+        ids = text.token_ids(samples, spec.options["max_tokens"], spec.options.get("tokenizer_file"))
+        lengths = ids[:, 1].sum(axis=1)
+        b = 0
+        while b < len(ids):
+            n = batch_size
+            longest = max(2.0, float(lengths[b:b + n].max()))
+            n = max(1, min(n, int(EXTRACT_BATCH_TOKENS_SQUARED // longest ** 2)))
+            yield len(ids[b:b + n]), text.trim_padding(ids[b:b + n])
+            b += n
+        return
+    per_sample = int(np.prod(input_shape)) if input_shape else 1
+    n = max(1, min(batch_size, EXTRACT_BATCH_ELEMENTS // max(1, per_sample)))
+    for b in range(0, len(samples), n):
+        chunk = samples[b:b + n]
+        yield len(chunk), preprocess_batch(chunk, spec)
 
 
 def sample_key(x: np.ndarray) -> bytes:
@@ -114,19 +145,12 @@ class TapCache:
                 missing.sort(key=lambda k: len(as_text(samples[first[k]])))
             todo = [samples[first[k]] for k in missing]
             new = [[] for _ in backbone.taps]
-            # about 8 images' worth of input per forward pass: the activations of a larger batch
-            # stay resident (AV images: +290 MB at 64, +109 MB at 16, +74 MB at 8; 320 images in
-            # 2.5 s at 16, 2.9 s at 8, 4.1 s at 4 on 2 cores), and that is the learner's peak
-            per_sample = int(np.prod(backbone.input_shape)) if backbone.input_shape else 1
-            batch_size = max(1, min(batch_size, EXTRACT_BATCH_ELEMENTS // max(1, per_sample)))
             with torch.inference_mode():
-                for b in range(0, len(todo), batch_size):
-                    chunk = todo[b:b + batch_size]
-                    x = torch.from_numpy(preprocess_batch(chunk, spec))
-                    for i, t in enumerate(backbone(x)):
+                for count, x in extraction_batches(todo, spec, backbone.input_shape, batch_size):
+                    for i, t in enumerate(backbone(torch.from_numpy(x))):
                         new[i].append(t.float().numpy())
                     if progress:
-                        progress(len(chunk))
+                        progress(count)
             new_arrays = [np.concatenate(n) for n in new]
             del new
             folder.mkdir(parents=True, exist_ok=True)

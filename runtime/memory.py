@@ -62,6 +62,36 @@ def release() -> float | None:
     return rss_mb()
 
 
+# glibc serves allocations above its mmap threshold with their own mapping, returned to the system
+# when freed; but it raises that threshold to the size of each such block freed (up to 32 MB), and
+# from then on serves a learner's per-batch activations from its heap, which grows with each new
+# batch shape and is not given back: clothing-cil's text encoder, six tasks in one process, peaks
+# 834 -> 1,492 MB a task. A fixed 1 MB threshold: 691-762 MB, its tap extraction ~25% slower; set
+# when a text encoder extracts taps (AV-Digits' images, already within budget, would extract 70%
+# slower; 8 MB was not enough for text: 822-968 MB).
+MMAP_THRESHOLD_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes for this process (see above); True when
+    set, False off glibc or where ``MALLOC_MMAP_THRESHOLD_`` was set by the user (theirs wins)."""
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
 _TRIM: list = []
 
 

@@ -86,6 +86,29 @@ def test_tokenisation_never_fails_and_truncates_at_max_tokens():
         text.token_ids([3.5], 16)
 
 
+def test_text_extraction_passes_bound_the_attention_and_keep_every_text():
+    """Tap extraction cuts tokenised texts (sorted by length, as the tap cache does) into passes of
+    at most EXTRACT_BATCH_TOKENS_SQUARED (batch x longest^2): short texts go many at a time, the
+    longest few at a time; in order, every text once, each as preprocessing gives it."""
+    from mmcl_edge.taps import EXTRACT_BATCH_TOKENS_SQUARED, extraction_batches
+
+    rng = np.random.default_rng(0)
+    texts = sorted((" ".join(rng.choice(FILLER, int(n))) for n in np.r_[rng.integers(1, 40, 200), rng.integers(200, 400, 100)]), key=len)
+    spec = PreprocessSpec("text", options={"max_tokens": 256})
+    whole = text.token_ids(texts, 256)
+    done, sizes = 0, []
+    for count, x in extraction_batches(texts, spec, None, batch_size=64):
+        longest = x.shape[-1]
+        assert count == len(x) and (count == 1 or count * longest ** 2 <= EXTRACT_BATCH_TOKENS_SQUARED)
+        assert np.array_equal(x, text.trim_padding(whole[done:done + count]))
+        done += count
+        sizes.append(count)
+    assert done == len(texts) and max(sizes) == 64 and min(sizes) <= 8  # short texts 64 at a time, long ones few
+    images = [rng.random((8, 8), dtype=np.float32) for _ in range(20)]
+    passes = list(extraction_batches(images, PreprocessSpec("image"), (3, 96, 96), batch_size=64))
+    assert [c for c, _ in passes] == [8, 8, 4] and all(x.shape[1:] == (3, 96, 96) for _, x in passes)
+
+
 def test_text_present_marks_empty_strings_absent():
     assert text.text_present(["a", "", "  ", np.array("b"), b"c"]).tolist() == [True, False, False, True, True]
 
@@ -376,3 +399,26 @@ def test_an_empty_text_is_an_absent_modality(tmp_path):
     _, task = read_task_folder(folder)
     assert task.train.presence("title").tolist() == [True, False, False, True]
     assert task.train.presence("stars").all()
+
+
+def test_large_allocations_go_back_to_the_system_once_mapped(tmp_path):
+    """map_large_allocations (set when a text encoder extracts taps): blocks above 1 MB, of ever new
+    sizes, freed in turn, leave resident memory where it was; a user's MALLOC_MMAP_THRESHOLD_ wins."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    child = """
+import json, numpy as np
+from mmcl_edge.runtime import memory
+ok = memory.map_large_allocations()
+base = memory.rss_mb()
+for i in range(40):  # 48-9 MB blocks of new sizes, each written then freed, as activations are
+    a = np.ones((48 << 20) - i * (1 << 20), np.uint8); a = None
+print(json.dumps({"set": ok, "grew_mb": memory.rss_mb() - base}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["set"] and out["grew_mb"] < 8, out
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert json.loads(r.stdout.strip().splitlines()[-1])["set"] is False
