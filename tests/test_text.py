@@ -198,6 +198,18 @@ print(json.dumps({"labels": full.labels, "odd": odd.labels, "used": odd.modaliti
 """
 
 
+def test_text_workspaces_serve_without_lanes_unless_asked(text_ws, monkeypatch):
+    """A tokenised text runs at its own length, so timing backbones at max_tokens says nothing of a
+    request's split: lanes stay off by default (MMCL_EDGE_SERVE_LANES=on still turns them on)."""
+    from mmcl_edge.runtime import Runtime
+
+    monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "auto")
+    ws, _ = text_ws
+    assert not Runtime(ws, providers="cpu").backbones.lanes
+    monkeypatch.setenv("MMCL_EDGE_SERVE_LANES", "on")
+    assert Runtime(ws, providers="cpu").backbones.lanes
+
+
 def test_text_in_the_torch_free_runtime_from_an_npz(text_ws):
     from mmcl_edge.runtime import Runtime
 
