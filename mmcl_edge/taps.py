@@ -20,7 +20,6 @@ from mmcl_edge.backbones import BACKBONES, TappedBackbone, create_backbone
 from mmcl_edge.preprocess import PreprocessSpec, preprocess, preprocess_batch
 from mmcl_edge import text
 from mmcl_edge.runtime import layout, memory
-from mmcl_edge.text import as_text
 
 # (kind, encoding) -> the frozen backbone used unless modalities.json names another ("backbone")
 DEFAULT_BACKBONES = {("image", "cnn"): "efficientnet-lite0", ("audio", "cnn"): "efficientnet-lite0",
@@ -72,10 +71,10 @@ def extraction_batches(samples: list, spec: PreprocessSpec, input_shape, batch_s
         lengths = ids[:, 1].sum(axis=1)
         b = 0
         while b < len(ids):
-            n = batch_size
-            longest = max(2.0, float(lengths[b:b + n].max()))
-            n = max(1, min(n, int(EXTRACT_BATCH_TOKENS_SQUARED // longest ** 2)))
-            yield len(ids[b:b + n]), text.trim_padding(ids[b:b + n])
+            longest = max(2.0, float(lengths[b:b + batch_size].max()))
+            n = max(1, min(batch_size, int(EXTRACT_BATCH_TOKENS_SQUARED // longest ** 2)))
+            chunk = ids[b:b + n]
+            yield len(chunk), text.trim_padding(chunk)
             b += n
         return
     per_sample = int(np.prod(input_shape)) if input_shape else 1
@@ -142,7 +141,7 @@ class TapCache:
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
             if spec.kind == "text":  # texts of similar length share a batch: less padding to encode
-                missing.sort(key=lambda k: len(as_text(samples[first[k]])))
+                missing.sort(key=lambda k: len(text.as_text(samples[first[k]])))
             todo = [samples[first[k]] for k in missing]
             new = [[] for _ in backbone.taps]
             with torch.inference_mode():

@@ -56,7 +56,7 @@ def release() -> float | None:
     import gc
 
     gc.collect()
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
     return rss_mb()
@@ -78,35 +78,30 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     set, False off glibc or where ``MALLOC_MMAP_THRESHOLD_`` was set by the user (theirs wins)."""
     import os
 
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
-_TRIM: list = []
+_LIBC_FUNCTIONS: dict = {}
 
 
-def _malloc_trim():
-    if not _TRIM:
+def _libc_function(name: str):
+    """glibc's ``malloc_trim(size_t)`` or ``mallopt(int, int)``, loaded once; None elsewhere (musl
+    and macOS have neither)."""
+    if name not in _LIBC_FUNCTIONS:
         fn = None
         try:
             import ctypes
             import ctypes.util
 
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            fn = getattr(libc, "malloc_trim", None)  # glibc; musl and macOS have none
+            fn = getattr(libc, name, None)
             if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                fn.argtypes = [ctypes.c_size_t] if name == "malloc_trim" else [ctypes.c_int, ctypes.c_int]
+                fn.restype = ctypes.c_int
         except (OSError, AttributeError):
             fn = None
-        _TRIM.append(fn)
-    return _TRIM[0]
+        _LIBC_FUNCTIONS[name] = fn
+    return _LIBC_FUNCTIONS[name]

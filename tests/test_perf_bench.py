@@ -169,9 +169,9 @@ def test_workspace_from_before_tap_rank_keeps_full_rank(tmp_path, synthetic_ws):
 def test_release_returns_freed_heap_to_the_system():
     """What the learner calls between a task's stages: memory freed in small blocks stays resident in
     glibc's heap until ``release`` trims it."""
-    from mmcl_edge.runtime.memory import _malloc_trim, release, rss_mb
+    from mmcl_edge.runtime.memory import _libc_function, release, rss_mb
 
-    if _malloc_trim() is None:
+    if _libc_function("malloc_trim") is None:
         pytest.skip("no malloc_trim (not glibc)")
     release()
     blocks = [np.ones(8192) for _ in range(4000)]  # 64 KB each, below glibc's mmap threshold: 256 MB of heap
