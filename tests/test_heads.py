@@ -167,6 +167,22 @@ def test_fit_drift_map_recovers_linear_drift():
     assert torch.equal(full.gram, lean.gram) and torch.equal(full.weight, lean.weight)
 
 
+def test_drift_map_from_the_bias_and_adapted_columns_alone_is_the_same():
+    """The learner keeps only the bias and the adapted columns of its features for the drift map
+    (not [views x samples, dim] copies): fitted on those with ``n_fixed=1`` and placed from the bias
+    row on, it is the moving-only map of the whole features, bit for bit."""
+    rng = np.random.default_rng(1)
+    n, n_fixed, n_adapted = 300, 6, 4
+    fixed = np.concatenate([rng.normal(size=(n, n_fixed - 1)), np.ones((n, 1))], axis=1)
+    old = torch.tensor(np.concatenate([fixed, rng.normal(size=(n, n_adapted))], axis=1), dtype=torch.float32)
+    new = torch.tensor(np.concatenate([fixed, rng.normal(size=(n, n_adapted))], axis=1), dtype=torch.float32)
+    whole = fit_drift_map(old, new, n_fixed, moving_only=True)
+    narrow = fit_drift_map(old[:, n_fixed - 1:], new[:, n_fixed - 1:], 1, moving_only=True)
+    placed = torch.zeros_like(whole)
+    placed[n_fixed - 1:] = narrow
+    assert torch.equal(placed, whole)
+
+
 def test_teacher_is_a_frozen_copy_without_the_ridge_sums():
     """The distillation teacher gives the model's training logits but holds no Gram matrix (84 MB
     on AV-Digits); the model keeps its own."""

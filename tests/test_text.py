@@ -109,6 +109,31 @@ def test_text_extraction_passes_bound_the_attention_and_keep_every_text():
     assert [c for c, _ in passes] == [8, 8, 4] and all(x.shape[1:] == (3, 96, 96) for _, x in passes)
 
 
+def test_text_encoders_share_one_copy_of_the_checkpoint():
+    """Two text modalities' encoders built while one lives share the checkpoint's tensors (frozen:
+    one copy serves both; two were the top of a text workspace's learning peak), hold exactly the
+    checkpoint's values, and the copy goes when the last encoder does."""
+    import gc
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mmcl_edge import backbones
+
+    a, b = backbones.MiniLMTextEncoder(max_tokens=64), backbones.MiniLMTextEncoder(max_tokens=32)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys() and all(pa[k].data_ptr() == pb[k].data_ptr() for k in pa)
+    assert not any(p.requires_grad for p in pa.values()) and not a.training
+    src = load_file(str(text.model_dir() / "model.safetensors"))
+    assert torch.equal(pa["word.weight"], src["embeddings.word_embeddings.weight"])
+    assert torch.equal(pa["blocks.5.down.bias"], src["encoder.layer.5.output.dense.bias"])
+    x = torch.tensor(text.token_ids(["a short review", "fits well, would buy it again"], 32))
+    assert all(torch.equal(u, v) for u, v in zip(a(x), b(x)))
+    del a, b, pa, pb
+    gc.collect()
+    assert len(backbones._LOADED_MINILM) == 0
+
+
 def test_text_present_marks_empty_strings_absent():
     assert text.text_present(["a", "", "  ", np.array("b"), b"c"]).tolist() == [True, False, False, True, True]
 

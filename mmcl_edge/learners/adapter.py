@@ -38,6 +38,12 @@ def modality_dropout(present: torch.Tensor, p: float, gen: torch.Generator) -> t
     return keep
 
 
+def _drifting(features: torch.Tensor, n_fixed: int) -> torch.Tensor:
+    """The columns of analytic-head features that a drift map reads: the constant-1 bias (the last
+    fixed one) and the adapted features after it, copied so the whole width is not kept."""
+    return features[:, n_fixed - 1:].clone()
+
+
 class AdapterLearner(Learner):
     name = "mmcl"
 
@@ -79,7 +85,7 @@ class AdapterLearner(Learner):
             n_old = 0  # the task brings more samples of known classes: cross-entropy over every class
         model.grow_classes(n_seen)
         train = self.training_data(data)
-        before = ([self._features(v) for v, _ in self._analytic_views(data)]
+        before = ([_drifting(self._features(v), model.fixed_feature_dim()) for v, _ in self._analytic_views(data)]
                   if model.analytic is not None and cfg.drift_compensation and not model.analytic.empty else None)
         params = [p for p in model.parameters() if p.requires_grad]
         # a previous model exists: adapt slowly, so old classes' features drift little (SLCA's slow learner)
@@ -184,7 +190,12 @@ class AdapterLearner(Learner):
         after = [self._features(v) for v, _ in views]
         if before is not None:
             n_fixed = self.model.fixed_feature_dim()
-            head.transform(fit_drift_map(torch.cat(before), torch.cat(after), n_fixed, moving_only=True), keep=n_fixed)
+            # the map's rows from the bias on: the same numbers as from whole features (fit_drift_map
+            # reads no other column), without [views x samples, dim] copies of both sides
+            drift = fit_drift_map(torch.cat(before), torch.cat([_drifting(f, n_fixed) for f in after]), 1, moving_only=True)
+            cols = drift.new_zeros(head.gram.shape[0], drift.shape[1])
+            cols[n_fixed - 1:] = drift
+            head.transform(cols, keep=n_fixed)
         y = torch.from_numpy(data.y).long()
         for f, (_, weight) in zip(after, views):
             head.update(f, y, weight)
