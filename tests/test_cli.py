@@ -55,6 +55,9 @@ def test_generic_format_with_two_timeseries_sensors_learns_end_to_end(tmp_path):
     assert all("extract_seconds" in t and "train_seconds" in t for t in report["tasks"])
     assert all(t["peak_rss_mb"] > 0 and t["peak_rss_scope"] in ("task", "process") for t in report["tasks"])
     assert "MB resident" in result.output
+    # the backbones' one-off export ran before the first task's taps, while the learner was small
+    first_shard = min(p.stat().st_mtime_ns for p in (ws / "taps").rglob("shard_*.npz"))
+    assert (ws / "backbones" / "backbones.json").stat().st_mtime_ns < first_shard
     assert report["final_average_accuracy"] > 0.6  # 4 classes: chance is 0.25
     # what the learner saved is deployable: predict from the generic-format test file
     pred = invoke("predict", "-w", ws, "-i", data / "test.npz", "--json")
