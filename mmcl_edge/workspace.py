@@ -472,7 +472,7 @@ class Workspace:
             self.export_backbones(src)
         per_task = start_task_peak()  # the task's peak: its taps, learning and pack (report.json)
         train, held, extract_s, extracted = task_taps(src, task, classes, f"task {k}")
-        src.release_backbones()  # built again only to export them (the pack's first task)
+        src.release_backbones()  # built again only to be checked against their export (publish_pack)
         memory.release()  # the backbones and their activations: freed, but glibc's heap would keep them
         heldouts = [self.heldout(j) for j in range(k)] + [held]
         learner = self.learner_at(k)
