@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from mmcl_edge.backbones import TappedBackbone
-from mmcl_edge.export.onnx_io import OPSET, export_onnx, sha256_file
+from mmcl_edge.export.onnx_io import OPSET, export_onnx, save_onnx, sha256_file
 from mmcl_edge.export.quantize import base_identity, entry_precision, with_precision
+from mmcl_edge.export.written_backbones import written_model
 from mmcl_edge.preprocess import PreprocessSpec
 
 INPUT_NAME = "x"
@@ -27,7 +28,11 @@ INDEX_FILE = "backbones.json"
 
 
 def export_backbone(backbone: TappedBackbone, path: Path) -> str:
-    """Backbone -> ONNX with input ``x [batch, *input_shape]`` and one output per tap."""
+    """Backbone -> ONNX with input ``x [batch, *input_shape]`` and one output per tap: written from
+    its weights where ``export/written_backbones.py`` can, else through PyTorch's exporter."""
+    written = written_model(backbone, INPUT_NAME)
+    if written is not None:
+        return save_onnx(written, path)
     example = (torch.zeros(2, *backbone.input_shape),)
     return export_onnx(backbone, example, path, [INPUT_NAME], [t.name for t in backbone.taps],
                        free_axes=backbone.free_axes)

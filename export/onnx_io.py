@@ -1,7 +1,8 @@
 """Shared ONNX export plumbing: a dynamic batch axis, checking, hashing, atomic writes.
 
 Backbones only, exported once per workspace with the dynamo exporter (it handles adaptive pooling
-with a dynamic batch). Packs are not exported by PyTorch: ``export/pack_graph.py`` writes them."""
+with a dynamic batch), except those ``export/written_backbones.py`` writes from their weights
+(``save_onnx``). Packs are not exported by PyTorch: ``export/pack_graph.py`` writes them."""
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     Uses the dynamo exporter (the TorchScript one cannot export adaptive pooling with a dynamic
     batch), keeps the whole model in one file, runs ``onnx.checker`` and writes atomically.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = tuple({0: batch} for _ in example)
     for axis, largest in (free_axes or {}).items():
@@ -37,7 +37,6 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dynamic = (dynamic,)  # torch.export nests the specs of a ``*args`` parameter
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in quiet]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -51,7 +50,21 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
         del program  # the exported program holds the weights again: gone before the check reads the file
     for lg, level in zip(quiet, levels):
         lg.setLevel(level)
-    return _check_and_place(tmp, path)
+    return _check_and_place(tmp, Path(path))
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> str:
+    """Write ``model`` (one file), check it and put it at ``path`` atomically; returns its sha256."""
+    tmp = _temporary(path)
+    onnx.save_model(model, str(tmp))
+    return _check_and_place(tmp, Path(path))
+
+
+def _temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is checked (its folder made), beside it: one rename places it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def _check_and_place(tmp: Path, path: Path) -> str:

@@ -134,6 +134,45 @@ def test_text_encoders_share_one_copy_of_the_checkpoint():
     assert len(backbones._LOADED_MINILM) == 0
 
 
+WRITTEN_EXPORT = r"""
+import json, sys
+import numpy as np, onnxruntime as ort, torch
+from mmcl_edge.backbones import MiniLMTextEncoder, VectorBackbone
+from mmcl_edge.export.backbone_export import export_backbone
+from mmcl_edge import text
+folder = sys.argv[1]
+minilm, vector = MiniLMTextEncoder(max_tokens=48, chunks=2), VectorBackbone(5)
+export_backbone(minilm, f"{folder}/t.onnx")
+export_backbone(vector, f"{folder}/v.onnx")
+loaded = sorted({".".join(m.split(".")[:2]) for m in sys.modules if m.startswith(("torch.onnx", "torch._dynamo", "onnxscript"))})
+worst = 0.0
+texts = ["fits", "a long review of a dress that fits well and washes well " * 3, "", "ünïcode 😀"]
+t = ort.InferenceSession(f"{folder}/t.onnx", providers=["CPUExecutionProvider"])
+for batch in (texts, texts[1:2], texts[2:3]):
+    x = text.trim_padding(text.token_ids(batch, 48)).astype(np.float32)
+    with torch.inference_mode():
+        want = [w.numpy() for w in minilm(torch.from_numpy(x))]
+    got = t.run(None, {"x": x})
+    assert [g.shape for g in got] == [w.shape for w in want]
+    worst = max([worst] + [float(np.abs(w - g).max()) for w, g in zip(want, got)])
+v = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+same = ort.InferenceSession(f"{folder}/v.onnx", providers=["CPUExecutionProvider"]).run(None, {"x": v})[0]
+print(json.dumps({"exporter_modules": loaded, "worst": worst, "vector": bool(np.array_equal(same, v[:, None, :]))}))
+"""
+
+
+def test_text_and_vector_backbones_are_written_without_the_exporter(tmp_path):
+    """A text workspace's backbones (MiniLM, and the identity of its vector modalities) are written
+    from their weights: PyTorch's exporter is never loaded (its modules were most of the export's
+    memory), and the graphs give the encoder's taps to 1e-4 on texts of every length."""
+    out = subprocess.run([sys.executable, "-c", WRITTEN_EXPORT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["exporter_modules"] == []
+    assert result["worst"] <= 1e-4 and result["vector"]
+
+
 def test_text_present_marks_empty_strings_absent():
     assert text.text_present(["a", "", "  ", np.array("b"), b"c"]).tolist() == [True, False, False, True, True]
 
