@@ -27,10 +27,13 @@ class _Writer:
     ``make_model`` would each copy 90 MB of weights once more)."""
 
     def __init__(self):
-        self.model, self._n = onnx.ModelProto(), 0
+        self.model, self._n, self._names = onnx.ModelProto(), 0, set()
 
     def const(self, value, name: str, dtype=np.float32) -> str:
-        self.model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+        """An initializer; a name already given is that constant, written once."""
+        if name not in self._names:
+            self._names.add(name)
+            self.model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
@@ -43,7 +46,8 @@ class _Writer:
 def written_model(backbone, input_name: str = "x") -> onnx.ModelProto | None:
     """The ONNX model of ``backbone`` written from its weights, or None for one written only by
     PyTorch's exporter."""
-    from mmcl_edge.backbones import MiniLMTextEncoder, VectorBackbone
+    from mmcl_edge.backbones import (EfficientNetLite0, MiniLMTextEncoder, RandomConvSeriesEncoder,
+                                     RawSignalBackbone, VectorBackbone, VideoFrameBackbone)
 
     if type(backbone) is MiniLMTextEncoder:
         return _minilm_model(backbone, input_name)
@@ -51,7 +55,106 @@ def written_model(backbone, input_name: str = "x") -> onnx.ModelProto | None:
         w = _Writer()
         w.op("Unsqueeze", [input_name, w.const([1], "axes_1", np.int64)], output=backbone.taps[0].name)
         return _model(w, "identity_taps", backbone, input_name, ["batch", *backbone.input_shape])
+    if type(backbone) is RawSignalBackbone:
+        w = _Writer()
+        w.op("Reshape", [input_name, w.const([0, 1, -1], "shape_one_token", np.int64)], output=backbone.taps[0].name)
+        return _model(w, "raw_taps", backbone, input_name, ["batch", *backbone.input_shape])
+    if type(backbone) is EfficientNetLite0:
+        w = _Writer()
+        _efficientnet(w, backbone, input_name, [t.name for t in backbone.taps])
+        return _model(w, "efficientnet_lite0_taps", backbone, input_name, ["batch", *backbone.input_shape])
+    if type(backbone) is VideoFrameBackbone:
+        return _video_model(backbone, input_name)
+    if type(backbone) is RandomConvSeriesEncoder:
+        return _rocket_model(backbone, input_name)
     return None
+
+
+def _adaptive_pool(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_in, n_out]``: column j averages the inputs of adaptive average pooling's window j
+    (``floor(j n_in / n_out)`` to ``ceil((j + 1) n_in / n_out)``), as PyTorch's adaptive pooling."""
+    m = np.zeros((n_in, n_out), np.float32)
+    for j in range(n_out):
+        lo, hi = (j * n_in) // n_out, -(-((j + 1) * n_in) // n_out)
+        m[lo:hi, j] = 1.0 / (hi - lo)
+    return m
+
+
+def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
+    """EfficientNetLite0.forward on ``x`` [N, 3, S, S]; each tap ``[N, grid^2, C]`` named as given."""
+    weights = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    size = [net.image_size]  # the feature map's side, known at every layer: padding is a constant
+
+    def conv_bn(x: str, name: str, mod) -> str:
+        k, stride = mod.kernel, mod.stride
+        pad = max((-(-size[0] // stride) - 1) * stride + k - size[0], 0)   # TensorFlow "SAME", as _tf_same_pad
+        if pad:
+            x = w.op("Pad", [x, w.const([0, 0, pad // 2, pad // 2, 0, 0, pad - pad // 2, pad - pad // 2],
+                                         f"{name}.pads", np.int64)])
+        size[0] = (size[0] + pad - k) // stride + 1
+        y = w.op("Conv", [x, w.const(weights[f"{name}.conv.weight"], f"{name}.conv.weight")],
+                 kernel_shape=[k, k], strides=[stride, stride], group=mod.conv.groups)
+        y = w.op("BatchNormalization", [y] + [w.const(weights[f"{name}.bn.{f}"], f"{name}.bn.{f}")
+                                              for f in ("weight", "bias", "running_mean", "running_var")],
+                 epsilon=mod.bn.eps)
+        return w.op("Clip", [y, "zero_f", "six_f"]) if mod.act else y
+
+    def tokens(fmap: str, channels: int, name: str) -> None:
+        if net.grid == 1:  # the whole map (a video's frames, 16 a clip): a mean, as the exporter wrote it
+            pooled = w.op("ReduceMean", [fmap, w.const([2, 3], "axes_space", np.int64)], keepdims=0)
+            w.op("Unsqueeze", [pooled, w.const([1], "axes_1", np.int64)], output=name)
+            return
+        side = _adaptive_pool(size[0], net.grid)
+        pool = np.einsum("ab,cd->acbd", side, side).reshape(size[0] * size[0], net.grid * net.grid)
+        flat = w.op("Reshape", [fmap, w.const([0, channels, -1], f"{name}.flat", np.int64)])
+        w.op("Transpose", [w.op("MatMul", [flat, w.const(pool, f"{name}.pool")])], output=name, perm=[0, 2, 1])
+
+    w.const(0.0, "zero_f")
+    w.const(6.0, "six_f")
+    h = conv_bn(x, "stem", net.stem)
+    taps = iter(tap_names)
+    for i, block in enumerate(net.blocks):
+        y = conv_bn(h, f"blocks.{i}.expand", block.expand) if block.expand is not None else h
+        y = conv_bn(conv_bn(y, f"blocks.{i}.depthwise", block.depthwise), f"blocks.{i}.project", block.project)
+        h = w.op("Add", [h, y]) if block.residual else y
+        if i in net._tap_after:
+            tokens(h, block.project.conv.out_channels, next(taps))
+    tokens(conv_bn(h, "head", net.head), net.head.conv.out_channels, next(taps))
+
+
+def _video_model(video, input_name: str) -> onnx.ModelProto:
+    """VideoFrameBackbone.forward: every frame through EfficientNet-Lite0, its taps pooled over time."""
+    w = _Writer()
+    frames = w.op("Reshape", [input_name, w.const([-1, *video.input_shape[1:]], "shape_frames", np.int64)])
+    net = video.frame_net
+    _efficientnet(w, net, frames, [f"frame_{t.name}" for t in net.taps])
+    over_time = w.const(_adaptive_pool(video.frames, video.time_tokens).T, "time_pool")        # [T, F]
+    for t in video.taps:
+        per_clip = w.op("Reshape", [f"frame_{t.name}", w.const([-1, video.frames, t.dim], f"shape_clip_{t.name}",
+                                                               np.int64)])
+        w.op("MatMul", [over_time, per_clip], output=t.name)                                     # [B, T, D]
+    return _model(w, "efficientnet_lite0_video_taps", video, input_name, ["batch", *video.input_shape])
+
+
+def _rocket_model(enc, input_name: str) -> onnx.ModelProto:
+    """RandomConvSeriesEncoder.forward: per dilation one Conv, then per time segment the proportion
+    of positive values and the maximum."""
+    w = _Writer()
+    weights = {k: v.detach().cpu().numpy() for k, v in enc.state_dict().items()}
+    last = w.const([-1], "axes_last", np.int64)
+    outs: list[list[str]] = [[] for _ in enc.taps]
+    for i, d in enumerate(enc.dilations):
+        y = w.op("Conv", [input_name, w.const(weights[f"weight_{i}"], f"weight_{i}"),
+                          w.const(weights[f"bias_{i}"], f"bias_{i}")],
+                 kernel_shape=[9], pads=[4 * d, 4 * d], dilations=[d])
+        k = weights[f"weight_{i}"].shape[0]
+        y = w.op("Reshape", [y, w.const([0, k, enc.segments, -1], f"shape_segments_{i}", np.int64)])
+        positive = w.op("Cast", [w.op("Greater", [y, w.const(0.0, f"zero_{i}")])], to=TensorProto.FLOAT)
+        outs[enc.tap_of[i]].append(w.op("Concat", [w.op("ReduceMean", [positive, last], keepdims=0),
+                                                   w.op("ReduceMax", [y, last], keepdims=0)], axis=1))
+    for t, parts in zip(enc.taps, outs):
+        w.op("Transpose", [w.op("Concat", parts, axis=1)], output=t.name, perm=[0, 2, 1])
+    return _model(w, "rocket_taps", enc, input_name, ["batch", *enc.input_shape])
 
 
 def _model(w: _Writer, name: str, backbone, input_name: str, input_dims: list) -> onnx.ModelProto:
