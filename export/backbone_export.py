@@ -32,7 +32,8 @@ def export_backbone(backbone: TappedBackbone, path: Path) -> str:
     its weights where ``export/written_backbones.py`` can, else through PyTorch's exporter."""
     written = written_model(backbone, INPUT_NAME)
     if written is not None:
-        return save_onnx(written, path)
+        model, initializers = written
+        return save_onnx(model, path, initializers)
     example = (torch.zeros(2, *backbone.input_shape),)
     return export_onnx(backbone, example, path, [INPUT_NAME], [t.name for t in backbone.taps],
                        free_axes=backbone.free_axes)

@@ -13,6 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -53,11 +54,46 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     return _check_and_place(tmp, Path(path))
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> str:
-    """Write ``model`` (one file), check it and put it at ``path`` atomically; returns its sha256."""
+def save_onnx(model: onnx.ModelProto, path: Path, initializers=()) -> str:
+    """Write ``model`` (one file), check it and put it at ``path`` atomically; returns its sha256.
+
+    ``initializers``: ``(name, array)`` pairs added to the model's graph as they are written, one at
+    a time, so a large model's weights are never also held as protobuf (nor as its serialised bytes).
+    Protocol buffers merge a message's fields in any order: the graph's own fields, then these."""
     tmp = _temporary(path)
-    onnx.save_model(model, str(tmp))
+    graph = model.graph.SerializeToString()
+    tensors = []
+    for name, array in initializers:
+        head = onnx.TensorProto(name=name, dims=array.shape,
+                                data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype)).SerializeToString()
+        raw = _key(9) + _varint(array.nbytes)  # raw_data, little-endian as the format says
+        tensors.append((head + raw, np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")))
+    sizes = [len(h) + a.nbytes for h, a in tensors]
+    with open(tmp, "wb") as f:
+        rest = onnx.ModelProto()
+        rest.CopyFrom(model)
+        rest.ClearField("graph")
+        f.write(rest.SerializeToString())
+        f.write(_key(7) + _varint(len(graph) + sum(len(_key(5) + _varint(n)) + n for n in sizes)))
+        f.write(graph)
+        for (head, array), n in zip(tensors, sizes):
+            f.write(_key(5) + _varint(n) + head)
+            f.write(memoryview(array).cast("B"))
     return _check_and_place(tmp, Path(path))
+
+
+def _key(field: int) -> bytes:
+    """The key of a length-delimited protobuf field."""
+    return _varint(field << 3 | 2)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def _temporary(path: Path) -> Path:

@@ -33,7 +33,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_written_backbone_gives_the_backbones_taps(case, tmp_path):
     backbone = CASES[case]()
-    save_onnx(written_model(backbone), tmp_path / "b.onnx")
+    model, initializers = written_model(backbone)
+    save_onnx(model, tmp_path / "b.onnx", initializers)
     session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for batch in (1, 3):
