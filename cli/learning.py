@@ -129,6 +129,7 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
     ws.log = lambda note: err.print(f"[yellow]recovered:[/] {note}", highlight=False)
     with ws.lock("export"):
         index = read_index(ws.root / "backbones")
+        served = {m: e["sha256"] for m, e in index["modalities"].items()}
         if force or not index["modalities"] or verify_index(ws.root / "backbones"):
             index = ensure_backbones(ws.root / "backbones", ws.tap_source().backbones, ws.specs, force=force,
                                      log=err.print)
@@ -136,6 +137,15 @@ def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"
         if problems:
             raise WorkspaceError("; ".join(problems))
         notes = [n for n in ws.recover() if n.startswith("task") and "published" in n]  # the last task's pack, if missing
+        rewritten = [m for m, e in index["modalities"].items() if served.get(m, e["sha256"]) != e["sha256"]]
+        if rewritten and ws.learned_tasks():
+            # the same backbones in other bytes (another writer or exporter version): a pack names the
+            # files it was made for, so the last task's pack is published again for these
+            from mmcl_edge.export.pack_export import publish_pack
+
+            k = ws.learned_tasks() - 1
+            pack = publish_pack(ws, k, ws.load_model(k))
+            notes.append(f"published {pack.name}, the pack of task {k} for the new {', '.join(rewritten)} backbone files")
         report = None
         if precision is not None:
             report = change_precision(ws, precision, max_accuracy_drop=max_accuracy_drop, force=force,

@@ -95,11 +95,14 @@ def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
             x = w.op("Pad", [x, w.const([0, 0, pad // 2, pad // 2, 0, 0, pad - pad // 2, pad - pad // 2],
                                          f"{name}.pads", np.int64)])
         size[0] = (size[0] + pad - k) // stride + 1
-        y = w.op("Conv", [x, w.const(weights[f"{name}.conv.weight"], f"{name}.conv.weight")],
+        # the batch norm folded into the convolution (as PyTorch's exporter did): a quantised graph
+        # then has no float32 operator between its convolutions and their activations
+        bn = {f: weights[f"{name}.bn.{f}"].astype(np.float64) for f in ("weight", "bias", "running_mean", "running_var")}
+        scale = bn["weight"] / np.sqrt(bn["running_var"] + mod.bn.eps)
+        kernel = (weights[f"{name}.conv.weight"] * scale[:, None, None, None]).astype(np.float32)
+        bias = (bn["bias"] - bn["running_mean"] * scale).astype(np.float32)
+        y = w.op("Conv", [x, w.const(kernel, f"{name}.weight"), w.const(bias, f"{name}.bias")],
                  kernel_shape=[k, k], strides=[stride, stride], group=mod.conv.groups)
-        y = w.op("BatchNormalization", [y] + [w.const(weights[f"{name}.bn.{f}"], f"{name}.bn.{f}")
-                                              for f in ("weight", "bias", "running_mean", "running_var")],
-                 epsilon=mod.bn.eps)
         return w.op("Clip", [y, "zero_f", "six_f"]) if mod.act else y
 
     def tokens(fmap: str, channels: int, name: str) -> None:

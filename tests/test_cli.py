@@ -68,6 +68,44 @@ def test_generic_format_with_two_timeseries_sensors_learns_end_to_end(tmp_path):
     assert np.mean(np.array(labels, dtype=int) == y) > 0.6
 
 
+def test_export_force_that_rewrites_the_backbone_files_publishes_the_pack_again(tmp_path):
+    """A pack names the backbone files it was made for. When 'export --force' writes the same
+    backbones in other bytes than the workspace has (files from another exporter version), the last
+    task's pack is published again for them, so the workspace keeps serving and predicting."""
+    import onnx
+
+    from mmcl_edge.export.backbone_export import read_index, write_index
+    from mmcl_edge.export.onnx_io import sha256_file
+    from mmcl_edge.export.pack_export import publish_pack
+    from mmcl_edge.workspace import Workspace
+
+    data = write_imu_dataset(tmp_path / "imu", n_per_class=12)
+    ws = tmp_path / "ws"
+    assert invoke("learn", "--data", data, "--classes-per-task", 2, "-w", ws, "--epochs", 2).exit_code == 0
+    index = read_index(ws / "backbones")   # the files as another version wrote them, and a pack made for those
+    for e in index["modalities"].values():
+        model = onnx.load(str(ws / "backbones" / e["file"]))
+        model.doc_string = "written by another version"
+        onnx.save_model(model, str(ws / "backbones" / e["file"]))
+        e["sha256"] = sha256_file(ws / "backbones" / e["file"])
+    write_index(ws / "backbones", index)
+    w = Workspace.open(ws)
+    publish_pack(w, w.learned_tasks() - 1, w.load_model(w.learned_tasks() - 1))
+    assert invoke("predict", "-w", ws, "-i", data / "test.npz", "--json").exit_code == 0
+    before = sorted(p.name for p in (ws / "packs").iterdir())
+
+    result = invoke("export", "-w", ws, "--force")
+    assert result.exit_code == 0, result.output
+    after = sorted(p.name for p in (ws / "packs").iterdir())
+    assert len(after) == len(before) + 1 and "published" in result.output
+    manifest = json.loads((ws / "packs" / after[-1] / "manifest.json").read_text())
+    assert manifest["backbone_files"] == {m: e["sha256"] for m, e in read_index(ws / "backbones")["modalities"].items()}
+    pred = invoke("predict", "-w", ws, "-i", data / "test.npz", "--json")
+    assert pred.exit_code == 0, pred.output
+    assert invoke("export", "-w", ws, "--force").exit_code == 0                      # the same bytes again:
+    assert sorted(p.name for p in (ws / "packs").iterdir()) == after                # nothing to publish
+
+
 def test_task_by_task_invocations_equal_one_run(synthetic_ws, tmp_path):
     """Tasks learned days apart (separate invocations) give the same model as one run: seeded, CPU-deterministic."""
     ws = tmp_path / "ws"
