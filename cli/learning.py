@@ -99,8 +99,10 @@ def evaluate(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-
 
 @user_errors
 def export(workspace: Path = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w"),
-           force: bool = typer.Option(False, help="Re-export the backbones even if their identity is unchanged; "
-                                                  "with --precision, convert again and accept any accuracy drop."),
+           force: bool = typer.Option(False, help="Re-export the backbones even if their identity is unchanged "
+                                                  "(files in other bytes: the last pack is published again for "
+                                                  "them); with --precision, convert again and accept any accuracy "
+                                                  "drop."),
            tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt",
                                                    help="Build TensorRT engines (default: when TensorRT and a GPU are present)."),
            fp16: bool = typer.Option(True, help="TensorRT engines in FP16 where the GPU supports it."),
