@@ -99,13 +99,16 @@ def measure_predict(rt: Runtime, inputs: dict, repeats: int = 50, warmup: int = 
 
 
 def servable_packs(rt: Runtime, n: int = 2) -> list[Path]:
-    """The newest ``n`` packs made for the backbones this runtime serves (after ``export
-    --precision`` the older packs are for the other precision and would be refused)."""
+    """The newest ``n`` packs made for the backbones this runtime serves: their identities (after
+    ``export --precision`` the older packs are for the other precision and would be refused) and,
+    where a pack names them, their files (after ``export --force`` wrote them in other bytes)."""
     mine = {m: e["identity"] for m, e in rt.backbones.index.items()}
+    files = {m: e.get("sha256") for m, e in rt.backbones.index.items()}
     found = []
     for folder in sorted((rt.root / "packs").glob("v[0-9]*"), reverse=True):
         try:
-            if json.loads((folder / "manifest.json").read_text()).get("backbones") == mine:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            if manifest.get("backbones") == mine and manifest.get("backbone_files", files) == files:
                 found.append(folder)
         except (OSError, ValueError):
             continue

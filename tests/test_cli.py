@@ -102,6 +102,13 @@ def test_export_force_that_rewrites_the_backbone_files_publishes_the_pack_again(
     assert manifest["backbone_files"] == {m: e["sha256"] for m, e in read_index(ws / "backbones")["modalities"].items()}
     pred = invoke("predict", "-w", ws, "-i", data / "test.npz", "--json")
     assert pred.exit_code == 0, pred.output
+    from mmcl_edge.runtime import Runtime
+    from mmcl_edge.runtime.latency import servable_packs
+
+    files = {m: e["sha256"] for m, e in read_index(ws / "backbones")["modalities"].items()}
+    servable = servable_packs(Runtime(ws))                                           # what the benches swap
+    assert servable[-1].name == after[-1] and before[-1] not in [p.name for p in servable]
+    assert all(json.loads((p / "manifest.json").read_text())["backbone_files"] == files for p in servable)
     assert invoke("export", "-w", ws, "--force").exit_code == 0                      # the same bytes again:
     assert sorted(p.name for p in (ws / "packs").iterdir()) == after                # nothing to publish
 
