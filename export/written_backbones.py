@@ -91,9 +91,6 @@ def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
     def conv_bn(x: str, name: str, mod) -> str:
         k, stride = mod.kernel, mod.stride
         pad = max((-(-size[0] // stride) - 1) * stride + k - size[0], 0)   # TensorFlow "SAME", as _tf_same_pad
-        if pad:
-            x = w.op("Pad", [x, w.const([0, 0, pad // 2, pad // 2, 0, 0, pad - pad // 2, pad - pad // 2],
-                                         f"{name}.pads", np.int64)])
         size[0] = (size[0] + pad - k) // stride + 1
         # the batch norm folded into the convolution (as PyTorch's exporter did): a quantised graph
         # then has no float32 operator between its convolutions and their activations
@@ -101,8 +98,9 @@ def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
         scale = bn["weight"] / np.sqrt(bn["running_var"] + mod.bn.eps)
         kernel = (weights[f"{name}.conv.weight"] * scale[:, None, None, None]).astype(np.float32)
         bias = (bn["bias"] - bn["running_mean"] * scale).astype(np.float32)
-        y = w.op("Conv", [x, w.const(kernel, f"{name}.weight"), w.const(bias, f"{name}.bias")],
-                 kernel_shape=[k, k], strides=[stride, stride], group=mod.conv.groups)
+        y = w.op("Conv", [x, w.const(kernel, f"{name}.weight"), w.const(bias, f"{name}.bias")], kernel_shape=[k, k],
+                 strides=[stride, stride], group=mod.conv.groups,
+                 pads=[pad // 2, pad // 2, pad - pad // 2, pad - pad // 2])              # top, left, bottom, right
         return w.op("Clip", [y, "zero_f", "six_f"]) if mod.act else y
 
     def tokens(fmap: str, channels: int, name: str) -> None:
