@@ -250,6 +250,9 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out]),
                helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", width])]
     graph = helper.make_graph(g.decode + g.nodes, "mmcl_pack", inputs, outputs, g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mmcl-edge")
+    opsets = [helper.make_opsetid("", OPSET)]
+    # the oldest IR version that carries the opset: onnxruntime 1.17 (the floor in pyproject) reads IR <= 9
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="mmcl-edge",
+                                   ir_version=helper.find_min_ir_version_for(opsets))
     stored = sum(numpy_helper.to_array(t).nbytes for t in g.inits)
     return onnx_model, {"stored": storage, "weights_bytes_fp32": g.fp32_bytes, "weights_bytes_stored": stored}

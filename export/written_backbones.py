@@ -1,14 +1,20 @@
 """Backbone graphs written from their weights (no ``torch.onnx``), as packs are.
 
-Why: PyTorch's exporter is the top of a workspace's one-off backbone export: its modules (about
+Why: PyTorch's exporter was the top of a workspace's one-off backbone export: its modules (about
 190 MB, in the export's child process) and, for a text workspace, three copies of MiniLM's 90 MB of
-weights: 816 MB, and 6 s per encoder. The backbones written here need no exporter at all:
+weights. The export's child: 538 -> 324 MB on AV-Digits, 968 -> 571 MB on the text workspace. Each
+graph is the backbone's ``forward``, operator for operator, so its taps match PyTorch's to float32
+rounding (``tests/test_written_backbones.py``, ``tests/test_text.py``):
 
-- ``minilm-l6``: the same computation as ``MiniLMTextEncoder.forward``, operator for operator in the
-  same order, so it matches it to float32 rounding (``tests/test_text.py`` holds it to 1e-4 on texts
-  of every length). onnxruntime fuses its attention, LayerNorms and GELUs when it loads it; it runs
-  10-14% faster than the exported graph did (batch 1, 10-128 tokens).
-- ``identity`` (vector modalities): the vector as one token.
+- ``efficientnet-lite0``: TensorFlow "SAME" padding as the convolutions' pads, each batch norm folded
+  into its convolution (as the exporter did), taps pooled by a [map, grid^2] matrix (adaptive
+  pooling's windows, overlapping ones included);
+- ``efficientnet-lite0-video``: the frames through it, their taps pooled over time;
+- ``rocket``: one convolution per dilation, then per time segment the share of positive values and
+  the maximum;
+- ``minilm-l6``: onnxruntime fuses its attention, LayerNorms and GELUs when it loads it; it runs
+  10-14% faster than the exported graph did (batch 1, 10-128 tokens);
+- ``raw`` and ``identity``: the input as one token.
 
 Inputs and outputs are the exporter's: ``x`` ``[batch, *input_shape]`` (a text's ``tokens`` axis
 free up to ``max_tokens``), one output per tap, named as the taps.
@@ -25,8 +31,8 @@ from mmcl_edge.export.onnx_io import OPSET
 class _Writer:
     """Nodes in order, written into the model, and initializers kept as numpy arrays (mostly views of
     the backbone's own weights): ``save_onnx`` streams them into the file one at a time, so the
-    weights are never held as protobuf as well (MiniLM's export: 816 MB through PyTorch's exporter,
-    660 MB with the weights in the protobuf, 440 MB streamed)."""
+    weights are never held as protobuf as well (the text workspace's export child: 660 MB with the
+    weights in the protobuf, 571 MB streamed)."""
 
     def __init__(self):
         self.model, self._n, self.initializers, self._names = onnx.ModelProto(), 0, [], set()
@@ -167,8 +173,8 @@ def _model(w: _Writer, name: str, backbone, input_name: str, input_dims: list) -
     graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_dims))
     graph.output.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, ["batch", t.tokens, t.dim])
                         for t in backbone.taps)
-    model.ir_version = helper.make_model(onnx.GraphProto(), opset_imports=[helper.make_opsetid("", OPSET)]).ir_version
     model.opset_import.append(helper.make_opsetid("", OPSET))
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))  # as packs: onnxruntime 1.17 reads it
     model.producer_name = "mmcl-edge"
     return model, w.initializers
 
