@@ -53,6 +53,17 @@ def test_a_backbone_without_a_writer_goes_to_the_exporter():
     assert written_model(TinyConvBackbone(16)) is None
 
 
+def test_a_bad_written_graph_is_refused_before_anything_is_written(tmp_path):
+    """The checker runs on the graph (weights declared by type and shape) before the file is written."""
+    import onnx
+
+    model, initializers = written_model(EfficientNetLite0(32))
+    model.graph.node[3].input[0] = "nowhere"
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        save_onnx(model, tmp_path / "b.onnx", initializers)
+    assert list(tmp_path.iterdir()) == []
+
+
 WRITTEN_EXPORT = r"""
 import json, sys
 from mmcl_edge.backbones import EfficientNetLite0, RandomConvSeriesEncoder, VideoFrameBackbone
