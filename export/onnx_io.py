@@ -1,4 +1,5 @@
-"""Shared ONNX export plumbing: a dynamic batch axis, checking, hashing, atomic writes.
+"""Shared ONNX export plumbing: a dynamic batch axis, checking, hashing, atomic writes, and the
+graph builder that packs and written backbones share (``GraphWriter``).
 
 Backbones only, exported once per workspace with the dynamo exporter (it handles adaptive pooling
 with a dynamic batch), except those ``export/written_backbones.py`` writes from their weights
@@ -20,6 +21,34 @@ import torch
 from mmcl_edge.runtime.pack import sha256_file
 
 OPSET = 18
+
+
+class GraphWriter:
+    """A graph written operator by operator: unique operator names, nodes in order, initializers kept
+    as ``(name, array)`` (a name given again is the same constant, written once). ``save_onnx``
+    streams them into a file; ``tensors()`` makes them protobuf for a model held in memory."""
+
+    def __init__(self):
+        self.nodes, self.initializers, self._n, self._names = [], [], 0, set()
+
+    def const(self, value, name: str, dtype=np.float32) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            self.initializers.append((name, np.asarray(value, dtype=dtype, order="C")))  # 0-d stays 0-d
+        return name
+
+    def ints(self, values, name: str) -> str:
+        return self.const(np.asarray(values, np.int64), name, np.int64)
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        """A node; ``outputs``: how many (named after the node) or their names. Returns its output(s)."""
+        self._n += 1
+        names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
+        self.nodes.append(onnx.helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._n}", **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def tensors(self) -> list[onnx.TensorProto]:
+        return [onnx.numpy_helper.from_array(a, name) for name, a in self.initializers]
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from mmcl_edge.encoder import tap_for_depth
-from mmcl_edge.export.onnx_io import OPSET
+from mmcl_edge.export.onnx_io import OPSET, GraphWriter
 from mmcl_edge.runtime.pack import PRESENT_INPUT
 
 LN_EPS = 1e-5        # nn.LayerNorm's default
@@ -39,15 +39,15 @@ HALF_MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay float32: they co
 WEIGHT_STORAGE = ("float16", "int8")
 
 
-class _Graph:
-    """A tiny builder: unique names, initializers from numpy, nodes in order, and the one place that
-    decides how each weight is stored (``weight``)."""
+class _Graph(GraphWriter):
+    """The pack's builder, and the one place that decides how each weight is stored (``weight``)."""
 
     def __init__(self, storage: str = "float16"):
         if storage not in WEIGHT_STORAGE:
             raise ValueError(f"pack weights {storage!r}: use one of {', '.join(WEIGHT_STORAGE)}")
+        super().__init__()
         self.storage = storage
-        self.nodes, self.inits, self.decode, self._n, self._names = [], [], [], 0, set()
+        self.decode: list = []
         self.fp32_bytes = 0
 
     def weight(self, value: np.ndarray, name: str, *sources, per: int | None = None) -> str:
@@ -85,22 +85,6 @@ class _Graph:
                                             name=f"{name}__to_fp32"))
         self._names.add(name)
         return name
-
-    def const(self, value, name: str, dtype=np.float32) -> str:
-        """An initializer; a name already given is the same constant, written once."""
-        if name not in self._names:
-            self._names.add(name)
-            self.inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))  # np.array keeps 0-d
-        return name
-
-    def ints(self, values, name: str) -> str:
-        return self.const(np.asarray(values, np.int64), name, np.int64)
-
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
-        self._n += 1
-        names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._n}", **attrs))
-        return names[0] if len(names) == 1 else names
 
 
 def save_pack_model(model: onnx.ModelProto, path: Path) -> None:
@@ -249,10 +233,10 @@ def build_pack_model(model, storage: str = "float16") -> tuple[onnx.ModelProto, 
 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out]),
                helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", width])]
-    graph = helper.make_graph(g.decode + g.nodes, "mmcl_pack", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.decode + g.nodes, "mmcl_pack", inputs, outputs, g.tensors())
     opsets = [helper.make_opsetid("", OPSET)]
     # the oldest IR version that carries the opset: onnxruntime 1.17 (the floor in pyproject) reads IR <= 9
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="mmcl-edge",
                                    ir_version=helper.find_min_ir_version_for(opsets))
-    stored = sum(numpy_helper.to_array(t).nbytes for t in g.inits)
+    stored = sum(a.nbytes for _, a in g.initializers)
     return onnx_model, {"stored": storage, "weights_bytes_fp32": g.fp32_bytes, "weights_bytes_stored": stored}

@@ -25,30 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from mmcl_edge.export.onnx_io import OPSET
-
-
-class _Writer:
-    """Nodes in order, written into the model, and initializers kept as numpy arrays (mostly views of
-    the backbone's own weights): ``save_onnx`` streams them into the file one at a time, so the
-    weights are never held as protobuf as well (the text workspace's export child: 660 MB with the
-    weights in the protobuf, 571 MB streamed)."""
-
-    def __init__(self):
-        self.model, self._n, self.initializers, self._names = onnx.ModelProto(), 0, [], set()
-
-    def const(self, value, name: str, dtype=np.float32) -> str:
-        """An initializer; a name already given is that constant, written once."""
-        if name not in self._names:
-            self._names.add(name)
-            self.initializers.append((name, np.asarray(value, dtype=dtype, order="C")))  # 0-d stays 0-d
-        return name
-
-    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-        self._n += 1
-        out = output or f"{op_type.lower()}_{self._n}"
-        self.model.graph.node.append(helper.make_node(op_type, inputs, [out], name=f"{op_type}_{self._n}", **attrs))
-        return out
+from mmcl_edge.export.onnx_io import OPSET, GraphWriter
 
 
 def written_model(backbone, input_name: str = "x") -> tuple[onnx.ModelProto, list] | None:
@@ -61,15 +38,15 @@ def written_model(backbone, input_name: str = "x") -> tuple[onnx.ModelProto, lis
     if type(backbone) is MiniLMTextEncoder:
         return _minilm_model(backbone, input_name)
     if type(backbone) is VectorBackbone:
-        w = _Writer()
-        w.op("Unsqueeze", [input_name, w.const([1], "axes_1", np.int64)], output=backbone.taps[0].name)
+        w = GraphWriter()
+        w.op("Unsqueeze", [input_name, w.const([1], "axes_1", np.int64)], outputs=[backbone.taps[0].name])
         return _model(w, "identity_taps", backbone, input_name, ["batch", *backbone.input_shape])
     if type(backbone) is RawSignalBackbone:
-        w = _Writer()
-        w.op("Reshape", [input_name, w.const([0, 1, -1], "shape_one_token", np.int64)], output=backbone.taps[0].name)
+        w = GraphWriter()
+        w.op("Reshape", [input_name, w.const([0, 1, -1], "shape_one_token", np.int64)], outputs=[backbone.taps[0].name])
         return _model(w, "raw_taps", backbone, input_name, ["batch", *backbone.input_shape])
     if type(backbone) is EfficientNetLite0:
-        w = _Writer()
+        w = GraphWriter()
         _efficientnet(w, backbone, input_name, [t.name for t in backbone.taps])
         return _model(w, "efficientnet_lite0_taps", backbone, input_name, ["batch", *backbone.input_shape])
     if type(backbone) is VideoFrameBackbone:
@@ -89,7 +66,7 @@ def _adaptive_pool(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
+def _efficientnet(w: GraphWriter, net, x: str, tap_names: list[str]) -> None:
     """EfficientNetLite0.forward on ``x`` [N, 3, S, S]; each tap ``[N, grid^2, C]`` named as given."""
     weights = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     size = [net.image_size]  # the feature map's side, known at every layer: padding is a constant
@@ -112,12 +89,12 @@ def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
     def tokens(fmap: str, channels: int, name: str) -> None:
         if net.grid == 1:  # the whole map (a video's frames, 16 a clip): a mean, as the exporter wrote it
             pooled = w.op("ReduceMean", [fmap, w.const([2, 3], "axes_space", np.int64)], keepdims=0)
-            w.op("Unsqueeze", [pooled, w.const([1], "axes_1", np.int64)], output=name)
+            w.op("Unsqueeze", [pooled, w.const([1], "axes_1", np.int64)], outputs=[name])
             return
         side = _adaptive_pool(size[0], net.grid)
         pool = np.einsum("ab,cd->acbd", side, side).reshape(size[0] * size[0], net.grid * net.grid)
         flat = w.op("Reshape", [fmap, w.const([0, channels, -1], f"{name}.flat", np.int64)])
-        w.op("Transpose", [w.op("MatMul", [flat, w.const(pool, f"{name}.pool")])], output=name, perm=[0, 2, 1])
+        w.op("Transpose", [w.op("MatMul", [flat, w.const(pool, f"{name}.pool")])], outputs=[name], perm=[0, 2, 1])
 
     w.const(0.0, "zero_f")
     w.const(6.0, "six_f")
@@ -134,7 +111,7 @@ def _efficientnet(w: _Writer, net, x: str, tap_names: list[str]) -> None:
 
 def _video_model(video, input_name: str) -> tuple[onnx.ModelProto, list]:
     """VideoFrameBackbone.forward: every frame through EfficientNet-Lite0, its taps pooled over time."""
-    w = _Writer()
+    w = GraphWriter()
     frames = w.op("Reshape", [input_name, w.const([-1, *video.input_shape[1:]], "shape_frames", np.int64)])
     net = video.frame_net
     _efficientnet(w, net, frames, [f"frame_{t.name}" for t in net.taps])
@@ -142,14 +119,14 @@ def _video_model(video, input_name: str) -> tuple[onnx.ModelProto, list]:
     for t in video.taps:
         per_clip = w.op("Reshape", [f"frame_{t.name}", w.const([-1, video.frames, t.dim], f"shape_clip_{t.name}",
                                                                np.int64)])
-        w.op("MatMul", [over_time, per_clip], output=t.name)                                     # [B, T, D]
+        w.op("MatMul", [over_time, per_clip], outputs=[t.name])                                     # [B, T, D]
     return _model(w, "efficientnet_lite0_video_taps", video, input_name, ["batch", *video.input_shape])
 
 
 def _rocket_model(enc, input_name: str) -> tuple[onnx.ModelProto, list]:
     """RandomConvSeriesEncoder.forward: per dilation one Conv, then per time segment the proportion
     of positive values and the maximum."""
-    w = _Writer()
+    w = GraphWriter()
     weights = {k: v.detach().cpu().numpy() for k, v in enc.state_dict().items()}
     last = w.const([-1], "axes_last", np.int64)
     outs: list[list[str]] = [[] for _ in enc.taps]
@@ -163,19 +140,17 @@ def _rocket_model(enc, input_name: str) -> tuple[onnx.ModelProto, list]:
         outs[enc.tap_of[i]].append(w.op("Concat", [w.op("ReduceMean", [positive, last], keepdims=0),
                                                    w.op("ReduceMax", [y, last], keepdims=0)], axis=1))
     for t, parts in zip(enc.taps, outs):
-        w.op("Transpose", [w.op("Concat", parts, axis=1)], output=t.name, perm=[0, 2, 1])
+        w.op("Transpose", [w.op("Concat", parts, axis=1)], outputs=[t.name], perm=[0, 2, 1])
     return _model(w, "rocket_taps", enc, input_name, ["batch", *enc.input_shape])
 
 
-def _model(w: _Writer, name: str, backbone, input_name: str, input_dims: list) -> tuple[onnx.ModelProto, list]:
-    model, graph = w.model, w.model.graph
-    graph.name = name
-    graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_dims))
-    graph.output.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, ["batch", t.tokens, t.dim])
-                        for t in backbone.taps)
-    model.opset_import.append(helper.make_opsetid("", OPSET))
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))  # as packs: onnxruntime 1.17 reads it
-    model.producer_name = "mmcl-edge"
+def _model(w: GraphWriter, name: str, backbone, input_name: str, input_dims: list) -> tuple[onnx.ModelProto, list]:
+    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_dims)]
+    outputs = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, ["batch", t.tokens, t.dim]) for t in backbone.taps]
+    opsets = [helper.make_opsetid("", OPSET)]
+    # no initializers in the model: save_onnx streams them (as packs: the oldest IR version of the opset)
+    model = helper.make_model(helper.make_graph(w.nodes, name, inputs, outputs), opset_imports=opsets,
+                              producer_name="mmcl-edge", ir_version=helper.find_min_ir_version_for(opsets))
     return model, w.initializers
 
 
@@ -183,7 +158,7 @@ def _minilm_model(encoder, input_name: str) -> tuple[onnx.ModelProto, list]:
     """``MiniLMTextEncoder.forward`` as ONNX operators, with the encoder's own weights."""
     weights = {k: v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
     d, heads, chunks = encoder.width, encoder.heads, encoder.chunks
-    w = _Writer()
+    w = GraphWriter()
 
     def linear(x: str, name: str) -> str:  # x @ W.T + b, W.T stored so the product needs no transpose
         wt = w.const(np.ascontiguousarray(weights[f"{name}.weight"].T), f"{name}.weight_t")
@@ -236,6 +211,6 @@ def _minilm_model(encoder, input_name: str) -> tuple[onnx.ModelProto, list]:
         h = layer_norm(w.op("Add", [h, linear(gelu, f"{p}.down")]), f"{p}.norm2")
         if i in encoder.tap_layers:
             tap = encoder.taps[encoder.tap_layers.index(i)]
-            outputs.append(w.op("MatMul", [pool, h], output=tap.name))
+            outputs.append(w.op("MatMul", [pool, h], outputs=[tap.name]))
 
     return _model(w, "minilm_l6_taps", encoder, input_name, ["batch", 2, "tokens"])
